@@ -1,0 +1,240 @@
+"""SD1.x denoising UNet f(x_t, t, text), in plain PyTorch.
+
+Module names mirror the original CompVis/LDM checkpoint ("openaimodel"), so the official single-file
+weights under `model.diffusion_model.` load without renaming:
+
+    time_embed            timestep (sinusoid) -> 1280-d embedding
+    input_blocks[0]       conv 4 -> 320
+    input_blocks[1..11]   per level: num_res_blocks x (ResBlock [+ SpatialTransformer]), then Downsample
+    middle_block          ResBlock, SpatialTransformer, ResBlock
+    output_blocks[0..11]  per level (deepest first): num_res_blocks+1 x (ResBlock on the concatenated
+                          skip [+ SpatialTransformer]) [+ Upsample]
+    out                   GroupNorm, SiLU, conv 320 -> 4
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Defaults are Stable Diffusion 1.x (859,520,964 parameters)."""
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320                  # width of level 0; the timestep embedding is 4x this
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # width of each level, in units of model_channels
+    num_res_blocks: int = 2                    # residual blocks per level on the way down (one more up)
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with a cross-attention transformer
+    num_heads: int = 8
+    context_dim: int = 768                     # width of the text encoder's hidden states
+    norm_groups: int = 32
+    dropout: float = 0.0                       # inside residual blocks; 0 for SD1.x
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, dtype: torch.dtype, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps t [B] -> [B, dim].
+
+    Computed in float32, or float64 when the model runs in float64 (audits)."""
+    dtype = torch.promote_types(dtype, torch.float32)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = t.to(dtype)[:, None] * freqs[None]  # [B, half]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, dim]
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip_connection = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)  # [B, out, H, W]
+        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x [B, N, dim] over context [B, M, context_dim] (self-attention if None)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        B, N, C = x.shape
+        q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, heads, N, C/heads]
+        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # [B, heads, M, C/heads]
+        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, C/heads]
+        return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+
+
+class GEGLU(nn.Module):
+    """Linear to twice the width, then value * GELU(gate)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, feed-forward; each pre-normed and residual."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads)
+        self.ff = FeedForward(dim, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Feature map [B, C, H, W] -> tokens [B, HW, C] -> transformer block -> back, with a residual."""
+
+    def __init__(self, ch: int, context_dim: int, heads: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, context_dim, heads, dropout)])
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.flatten(2).transpose(1, 2)  # [B, HW, C]
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = h.transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)  # [B, C, H/2, W/2]
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # [B, C, 2H, 2W]
+
+
+class TimestepEmbedSequential(nn.ModuleList):
+    """One UNet block: layers applied in order, each given what it needs (embedding or text)."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """Noise prediction eps = f(x_t [B, 4, h, w], t [B], context [B, 77, 768]) -> [B, 4, h, w]."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = c = config
+        self.gradient_checkpointing = False  # trade compute for memory in training
+        emb_dim = 4 * c.model_channels
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(in_ch, out_ch):
+            return ResBlock(in_ch, out_ch, emb_dim, c.norm_groups, c.dropout)
+
+        def attn(ch):
+            return SpatialTransformer(ch, c.context_dim, c.num_heads, c.norm_groups, c.dropout)
+
+        ch = c.model_channels
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
+        skip_channels = [ch]  # width of every input block's output, consumed in reverse by output_blocks
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [res(ch, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if level in c.attention_levels:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepEmbedSequential(layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential([res(ch, ch), attn(ch), res(ch, ch)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if level in c.attention_levels:
+                    layers.append(attn(ch))
+                if level != 0 and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(c.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])  # [B]
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels, x.dtype).to(x.dtype))  # [B, 4*mc]
+        context = context.to(x.dtype)
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)  # [B, out_channels, h, w]
