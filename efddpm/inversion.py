@@ -1,0 +1,355 @@
+"""Edit-friendly DDPM inversion, the native DDPM and DDIM inversions, and regeneration / editing.
+
+Reads like Secs. 2-3 of the paper. The network is any noise predictor
+
+    f(x: Tensor[B, ...], t: Tensor[B] int64 timesteps, cond) -> eps: Tensor[B, ...]
+
+(the SD1.x UNet with text embeddings as `cond`, a small test UNet, or the closed-form predictor of
+the 2-D toy), so nothing below depends on the tensor shape: [B, 2] vectors or [B, 4, h, w] latents.
+
+Index conventions (those of the authors' code, on which parity depends). With N sampling steps and
+the descending grid `timesteps` (991, ..., 1 for N=100):
+
+    xts[n], n = 0..N   x_n of the paper; xts[0] = x_0 (the input), xts[N] = x_T;
+                       xts[n] is at network timestep timesteps[N - n]
+    zs[n-1], n = 1..N  z_n of the paper: the noise of the step xts[n] -> xts[n-1]
+    skip k             editing starts from xts[N - k] (timestep timesteps[k]) and uses
+                       zs[N-k-1], ..., zs[0]; the code's k noisiest steps are not used.
+
+Classifier-free guidance (pitfall 5). eps = f_u + w (f_c - f_u) is computed from ONE batched call
+of f over [uncond; cond]. When `cond` is None (no prompt, e.g. the authors' empty source prompt) or
+`uncond` or `guidance` is None, there is no guidance term: a single call f(x, t, cond or uncond),
+as the authors' code does for an empty source prompt. (SD's "" embedding is the uncond embedding,
+so guidance with it would give the same eps up to rounding, at twice the cost.)
+
+Precision (pitfalls 3-4). Everything, the trajectory and the noise maps included, is kept in a
+working dtype of at least float32 (float64 stays float64); the network's output is cast to it, so
+eq. 5 divides by sigma_t (0.02 at the last step) in float32 even when f runs in fp16. Exact
+reconstruction needs the same mu formula, dtype and batch composition in inversion and
+regeneration: regenerating one code with one prompt batches [x; x] exactly as the inversion did.
+
+Randomness. Every draw comes from a torch.Generator you pass (recorded as its seed) or from an
+explicit noise tensor; with neither, torch's global generator is used. Same seed, device and dtype:
+bit-identical codes and outputs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .scheduler import (SD1, ScheduleConfig, alphas_cumprod, ddpm_step, forward_chain_step,
+                        marginal, mu, predicted_x0, step_coefficients, timesteps)
+
+NoisePredictor = Callable[[Tensor, Tensor, Any], Tensor]
+DEFAULT_SKIP_FRACTION = 0.36   # T_skip = 36 of N = 100, the paper's default
+
+
+# ---------------------------------------------------------------------------------------------
+# The network, with classifier-free guidance
+# ---------------------------------------------------------------------------------------------
+
+def _rows(c: Tensor | None, k: int) -> Tensor | None:
+    """A conditioning (or any per-sample tensor) with batch 1 or k, as batch k."""
+    if c is None or c.shape[0] == k:
+        return c
+    if c.shape[0] == 1:
+        return c.expand(k, *c.shape[1:])
+    raise ValueError(f"batch {c.shape[0]} does not broadcast to {k}")
+
+
+def guided_eps(f: NoisePredictor, x: Tensor, t: int, cond: Tensor | None = None,
+               uncond: Tensor | None = None, guidance: float | Sequence[float] | Tensor | None = None
+               ) -> Tensor:
+    """f_t(x) with classifier-free guidance f_u + w (f_c - f_u), one batched call over [uncond; cond].
+
+    x: [K, ...]; cond, uncond: [K or 1, ...]; guidance: a number or one per row ([K]).
+    Returns eps [K, ...] in x's dtype.
+    """
+    k = x.shape[0]
+    tt = torch.full((k,), int(t), dtype=torch.long, device=x.device)          # [K]
+    if cond is None or uncond is None or guidance is None:                    # no guidance term
+        return f(x, tt, _rows(cond if cond is not None else uncond, k)).to(x.dtype)
+    both = f(torch.cat([x, x]), torch.cat([tt, tt]),                          # [2K, ...]
+             torch.cat([_rows(uncond, k), _rows(cond, k)]))
+    f_u, f_c = both.to(x.dtype).chunk(2)                                      # [K, ...] each
+    w = torch.as_tensor(guidance, dtype=x.dtype, device=x.device)
+    w = w.reshape(-1, *([1] * (x.dim() - 1)))                                 # [K or 1, 1, ...]
+    return f_u + w * (f_c - f_u)
+
+
+# ---------------------------------------------------------------------------------------------
+# The latent code
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LatentCode:
+    """An inversion: x_T, the noise maps z_T..z_1, the trajectory and how it was made.
+
+    x_T:       [B, ...]        = xts[N]
+    zs:        [N, B, ...]     zs[n-1] = z_n, the noise of the step xts[n] -> xts[n-1]
+    xts:       [N+1, B, ...]   xts[0] = x_0, xts[n] at timestep timesteps[N-n]
+    timesteps: [N] int64       descending
+    settings:  method, num_steps, eta, guidance, seed, schedule, ... (JSON-serialisable)
+    """
+    x_T: Tensor
+    zs: Tensor
+    xts: Tensor
+    timesteps: Tensor
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    @property
+    def schedule(self) -> ScheduleConfig:
+        return ScheduleConfig(**self.settings.get("schedule", {}))
+
+    def to(self, device: str | torch.device) -> "LatentCode":
+        """The same code with its tensors on `device`."""
+        xts = self.xts.to(device)
+        return LatentCode(self.x_T.to(device), self.zs.to(device), xts, self.timesteps.to(device),
+                          dict(self.settings))
+
+    def save(self, path: str) -> None:
+        """Write a .safetensors file; the settings go in its metadata as JSON."""
+        from safetensors.torch import save_file
+        tensors = {"x_T": self.x_T, "zs": self.zs, "xts": self.xts, "timesteps": self.timesteps}
+        save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(path),
+                  metadata={"efddpm.latent_code": json.dumps(self.settings)})
+
+    @classmethod
+    def load(cls, path: str, device: str | torch.device = "cpu") -> "LatentCode":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            settings = json.loads(fh.metadata()["efddpm.latent_code"])
+            t = {k: fh.get_tensor(k) for k in ("x_T", "zs", "xts", "timesteps")}
+        return cls(t["x_T"], t["zs"], t["xts"], t["timesteps"], settings)
+
+
+def _working_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)   # at least float32 (pitfall 4)
+
+
+def _draw(shape, generator: torch.Generator | None, dtype: torch.dtype, device) -> Tensor:
+    """Standard normal noise from `generator` (on its device) or from the global generator."""
+    if generator is None:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
+
+
+def _noise(num_steps: int, x0: Tensor, dtype, generator, noise) -> tuple[Tensor, dict]:
+    """The N noise tensors of a trajectory, [N, B, ...]; noise[n-1] goes into xts[n]."""
+    if noise is not None:
+        if tuple(noise.shape) != (num_steps, *x0.shape):
+            raise ValueError(f"noise must have shape {(num_steps, *x0.shape)}, got {tuple(noise.shape)}")
+        return noise.to(x0.device, dtype), {"noise": "explicit", "seed": None}
+    src = {"noise": "generator" if generator is not None else "global",
+           "seed": generator.initial_seed() if generator is not None else None}
+    return _draw((num_steps, *x0.shape), generator, dtype, x0.device), src
+
+
+def _settings(method, num_steps, eta, guidance, schedule, dtype, reference_direction,
+              zero_last_noise, src, meta) -> dict:
+    g = guidance.tolist() if isinstance(guidance, Tensor) else guidance
+    return {"method": method, "num_steps": num_steps, "eta": eta, "guidance": g,
+            "reference_direction": reference_direction, "zero_last_noise": zero_last_noise,
+            "schedule": asdict(schedule), "dtype": str(dtype).replace("torch.", ""),
+            **src, **(meta or {})}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sec. 2.1: trajectories x_1..x_T from x_0
+# ---------------------------------------------------------------------------------------------
+
+def native_trajectory(x0: Tensor, abar: Tensor, ts: Tensor, noise: Tensor) -> Tensor:
+    """x_1..x_T from the forward chain (eq. 1): each x_t builds on x_{t-1}, so the eps_t of
+    eq. 2 are correlated. Between grid points eq. 1 is composed over the stride
+    (beta = 1 - abar_t / abar_s); x_0 counts as abar = 1. Returns xts [N+1, B, ...]."""
+    n_steps = ts.numel()
+    xts = torch.empty((n_steps + 1, *x0.shape), dtype=noise.dtype, device=x0.device)
+    xts[0] = x0
+    abar_s = 1.0
+    for n in range(1, n_steps + 1):
+        abar_t = float(abar[ts[n_steps - n]])
+        xts[n] = forward_chain_step(xts[n - 1], 1.0 - abar_t / abar_s, noise[n - 1])  # eq. 1
+        abar_s = abar_t
+    return xts
+
+
+def edit_friendly_trajectory(x0: Tensor, abar: Tensor, ts: Tensor, noise: Tensor) -> Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps~_t with eps~_t drawn independently for
+    every t (eq. 6; pitfall 2). Returns xts [N+1, B, ...]."""
+    n_steps = ts.numel()
+    xts = torch.empty((n_steps + 1, *x0.shape), dtype=noise.dtype, device=x0.device)
+    xts[0] = x0
+    for n in range(1, n_steps + 1):
+        xts[n] = marginal(x0, float(abar[ts[n_steps - n]]), noise[n - 1])  # eq. 6
+    return xts
+
+
+# ---------------------------------------------------------------------------------------------
+# Sec. 3: noise extraction (eq. 5) and Algorithm 1
+# ---------------------------------------------------------------------------------------------
+
+def extract_noise(f: NoisePredictor, xts: Tensor, ts: Tensor, cond=None, uncond=None,
+                  guidance=None, *, eta: float = 1.0, schedule: ScheduleConfig = SD1,
+                  abar: Tensor | None = None, reference_direction: bool = False) -> Tensor:
+    """z_t = (x_{t-1} - mu_t(x_t)) / sigma_t for t = T..1 (eq. 5), writing back
+    x_{t-1} = mu_t(x_t) + sigma_t z_t (eq. 3) so that rounding does not drift.
+
+    Modifies xts [N+1, B, ...] in place (the write-back); returns zs [N, B, ...].
+    """
+    abar = alphas_cumprod(schedule) if abar is None else abar
+    n_steps = ts.numel()
+    zs = torch.empty_like(xts[1:])                                          # [N, B, ...]
+    for n in range(n_steps, 0, -1):                                         # t = T .. 1
+        s = step_coefficients(abar, int(ts[n_steps - n]), n_steps, schedule, eta, reference_direction)
+        if s.sigma <= 0:
+            raise ValueError(f"sigma_t = 0 at t={s.t}: eq. 5 needs eta > 0 and var_t > 0")
+        eps = guided_eps(f, xts[n], s.t, cond, uncond, guidance)           # f_t(x_t), [B, ...]
+        zs[n - 1] = (xts[n - 1] - mu(xts[n], eps, s)) / s.sigma           # eq. 5
+        xts[n - 1] = ddpm_step(xts[n], eps, s, zs[n - 1])                  # eq. 3 (write-back)
+    return zs
+
+
+def _invert(method: str, trajectory, f, x0, cond, uncond, guidance, num_steps, eta, generator,
+            noise, schedule, abar, reference_direction, zero_last_noise, meta) -> LatentCode:
+    dtype = _working_dtype(x0)
+    abar = alphas_cumprod(schedule) if abar is None else abar
+    ts = timesteps(num_steps, schedule)
+    eps_tilde, src = _noise(num_steps, x0, dtype, generator, noise)        # [N, B, ...]
+    xts = trajectory(x0.to(dtype), abar, ts, eps_tilde)                     # [N+1, B, ...]
+    zs = extract_noise(f, xts, ts, cond, uncond, guidance, eta=eta, schedule=schedule, abar=abar,
+                       reference_direction=reference_direction)
+    if zero_last_noise:          # the authors' choice: the last step x_1 -> x_0 is deterministic
+        zs[0] = 0
+    settings = _settings(method, num_steps, eta, guidance, schedule, dtype, reference_direction,
+                         zero_last_noise, src, meta)
+    return LatentCode(xts[num_steps], zs, xts, ts, settings)
+
+
+def edit_friendly_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None,
+                            guidance=3.5, *, num_steps: int = 100, eta: float = 1.0,
+                            generator: torch.Generator | None = None, noise: Tensor | None = None,
+                            schedule: ScheduleConfig = SD1, abar: Tensor | None = None,
+                            reference_direction: bool = False, zero_last_noise: bool = False,
+                            meta: dict | None = None) -> LatentCode:
+    """Algorithm 1: draw x_1..x_T independently by eq. 6, then extract z_T..z_1 by eq. 5 with
+    write-back. Replaying eq. 3 with the code and the same cond/guidance returns x_0 exactly.
+
+    x0: [B, ...] (each row gets its own noise); noise: optional eps~ [N, B, ...], noise[n-1] for
+    xts[n]; zero_last_noise / reference_direction: the authors' code (audit options, see SPEC).
+    """
+    return _invert("edit_friendly", edit_friendly_trajectory, f, x0, cond, uncond, guidance,
+                   num_steps, eta, generator, noise, schedule, abar, reference_direction,
+                   zero_last_noise, meta)
+
+
+def native_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None, guidance=3.5, *,
+                     num_steps: int = 100, eta: float = 1.0,
+                     generator: torch.Generator | None = None, noise: Tensor | None = None,
+                     schedule: ScheduleConfig = SD1, abar: Tensor | None = None,
+                     reference_direction: bool = False, zero_last_noise: bool = False,
+                     meta: dict | None = None) -> LatentCode:
+    """The native DDPM inversion (Sec. 2.1), for comparison: x_1..x_T from the forward chain
+    (eq. 1), then z_T..z_1 by eq. 5. Also reconstructs exactly, but does not edit well."""
+    return _invert("native", native_trajectory, f, x0, cond, uncond, guidance, num_steps, eta,
+                   generator, noise, schedule, abar, reference_direction, zero_last_noise, meta)
+
+
+def diverse_inversions(f: NoisePredictor, x0: Tensor, seeds: Sequence[int], *args, **kwargs
+                       ) -> list[LatentCode]:
+    """Several edit-friendly inversions of one image, one per seed (for diverse edits)."""
+    return [edit_friendly_inversion(f, x0, *args,
+                                    generator=torch.Generator(x0.device).manual_seed(int(s)),
+                                    **kwargs) for s in seeds]
+
+
+def ddim_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None, guidance=3.5, *,
+                   num_steps: int = 100, schedule: ScheduleConfig = SD1,
+                   abar: Tensor | None = None, meta: dict | None = None) -> LatentCode:
+    """DDIM inversion, the classic baseline: run the deterministic (eta = 0) step backwards,
+    x_t = sqrt(abar_t) P + sqrt(1 - abar_t) f with P predicted from x_{t_prev} (eq. 2 with the
+    predicted noise), evaluating f at x_{t_prev} with timestep t (the usual approximation).
+    The code's zs are zero and eta = 0; regeneration is exact only if f barely changes with x.
+    """
+    dtype = _working_dtype(x0)
+    abar = alphas_cumprod(schedule) if abar is None else abar
+    ts = timesteps(num_steps, schedule)
+    xts = torch.empty((num_steps + 1, *x0.shape), dtype=dtype, device=x0.device)
+    xts[0] = x0
+    for n in range(1, num_steps + 1):                                      # t = 1 .. T
+        s = step_coefficients(abar, int(ts[num_steps - n]), num_steps, schedule, eta=0.0)
+        eps = guided_eps(f, xts[n - 1], s.t, cond, uncond, guidance)       # f_t(x_{t_prev})
+        xts[n] = marginal(predicted_x0(xts[n - 1], eps, s.abar_prev), s.abar_t, eps)  # eq. 2, 4
+    settings = _settings("ddim", num_steps, 0.0, guidance, schedule, dtype, False, False,
+                         {"noise": None, "seed": None}, meta)
+    return LatentCode(xts[num_steps], torch.zeros_like(xts[1:]), xts, ts, settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sec. 3: regeneration and editing
+# ---------------------------------------------------------------------------------------------
+
+NoiseEdit = Callable[[int, Tensor, Tensor], Tensor]   # (n, z_n [K, ...], P(f) [K, ...]) -> z_n
+
+
+def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guidance=None, *,
+               skip: int = 0, eta: float | None = None, reference_direction: bool | None = None,
+               zero_last_noise: bool = False, noise_edit: NoiseEdit | None = None,
+               abar: Tensor | None = None) -> Tensor:
+    """Replay eq. 3 with the code's noise maps: x_{t-1} = mu_t(x_t) + sigma_t z_t.
+
+    cond: [K or 1, ...] target condition(s); guidance: a number or one per target ([K]); None
+    means the guidance the code was inverted with. The code (batch B) is broadcast over the K
+    targets when B = 1, or paired row by row when B = K. Starts from x_T (skip = 0) or from
+    xts[N - skip] (skip > 0; x_T is xts[N] for the codes made here).
+    eta / reference_direction: None means the code's. zero_last_noise: use z_1 = 0 (the
+    authors' choice; the output then differs from x_0 by sigma_1 z_1). noise_edit(n, z_n, P):
+    replaces z_n before it is used, for manipulations (n is the paper's t, from N-skip down to 1).
+    Returns x_0 [K, ...] in the code's dtype.
+    """
+    st = code.settings
+    schedule = code.schedule
+    eta = st["eta"] if eta is None else eta
+    reference_direction = st.get("reference_direction", False) if reference_direction is None \
+        else reference_direction
+    guidance = st.get("guidance") if guidance is None else guidance
+    abar = alphas_cumprod(schedule) if abar is None else abar
+    n_steps, ts = code.num_steps, code.timesteps
+    if not 0 <= skip < n_steps:
+        raise ValueError(f"skip must be in 0..{n_steps - 1}, got {skip}")
+    rows = [code.xts.shape[1]] + [c.shape[0] for c in (cond, uncond) if c is not None]
+    if guidance is not None and torch.as_tensor(guidance).numel() > 1:
+        rows.append(torch.as_tensor(guidance).numel())
+    k = max(rows)
+    start = code.x_T if skip == 0 else code.xts[n_steps - skip]            # x_t at t = ts[skip]
+    x = _rows(start.to(code.zs.dtype), k)                                  # [K, ...]
+    for n in range(n_steps - skip, 0, -1):                                 # paper's t = n
+        s = step_coefficients(abar, int(ts[n_steps - n]), n_steps, schedule, eta, reference_direction)
+        eps = guided_eps(f, x, s.t, cond, uncond, guidance)                # f_t(x_t), [K, ...]
+        z = _rows(code.zs[n - 1], k)                                       # z_n, [K, ...]
+        if zero_last_noise and n == 1:
+            z = torch.zeros_like(z)
+        if noise_edit is not None:
+            z = noise_edit(n, z, predicted_x0(x, eps, s.abar_t))
+        x = ddpm_step(x, eps, s, z)                                        # eq. 3
+    return x
+
+
+def default_skip(num_steps: int) -> int:
+    """T_skip = 36 of 100 steps, scaled to num_steps."""
+    return round(DEFAULT_SKIP_FRACTION * num_steps)
+
+
+def edit(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guidance=15.0, *,
+         skip: int | None = None, eta: float | None = None, **kwargs) -> Tensor:
+    """Text-based editing (Sec. 3): regenerate with the target prompt(s) and guidance(s), from
+    T - T_skip. Defaults: w_tgt = 15, T_skip = 36 of 100, eta = the code's (1)."""
+    skip = default_skip(code.num_steps) if skip is None else skip
+    return regenerate(f, code, cond, uncond, guidance, skip=skip, eta=eta, **kwargs)
