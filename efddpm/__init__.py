@@ -1,4 +1,9 @@
 """efddpm: the edit-friendly DDPM noise space (Huberman-Spiegelglas et al., CVPR 2024) on SD1.x, in plain PyTorch."""
+from .checkpoint import CheckpointError, StableDiffusionModels, load, save_single_file
 from .clip import CLIPTextConfig, CLIPTextModel
+from .inversion import (LatentCode, ddim_inversion, edit, edit_friendly_inversion, native_inversion,
+                        regenerate)
+from .scheduler import SD1, ScheduleConfig
+from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
