@@ -41,6 +41,9 @@ from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 
+SD1_IMAGE_SIZE = 512
+
+
 class CheckpointError(ValueError):
     """A source that cannot be loaded; the message names the file and the problem in one line."""
 
@@ -54,6 +57,7 @@ class StableDiffusionModels:
     alphas_cumprod: torch.Tensor | None  # [1000] as stored in a single file (float32), else None
     scheduler_config: dict | None        # scheduler/scheduler_config.json of a diffusers folder, else None
     source: str
+    image_size: int = SD1_IMAGE_SIZE     # the side of the pictures the model was trained on
 
 
 @dataclass
@@ -65,6 +69,7 @@ class _Weights:
     tokenizer: CLIPTokenizer
     alphas_cumprod: torch.Tensor | None = None
     scheduler_config: dict | None = None
+    image_size: int = SD1_IMAGE_SIZE
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,19 +113,22 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype
         vae=_build(AutoencoderKL, *weights.vae, device, dtype, f"{name}: VAE"),
         text_encoder=_build(CLIPTextModel, *weights.text_encoder, device, dtype, f"{name}: text encoder"),
         tokenizer=weights.tokenizer, alphas_cumprod=weights.alphas_cumprod,
-        scheduler_config=weights.scheduler_config, source=str(source))
+        scheduler_config=weights.scheduler_config, source=str(source), image_size=weights.image_size)
 
 
-def save_single_file(path: str | os.PathLike, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> None:
-    """Write the three models in the original single-file layout as .safetensors, their configs as JSON
-    in the metadata (so that load() rebuilds them exactly). The file is replaced atomically."""
+def save_single_file(path: str | os.PathLike, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                     image_size: int = SD1_IMAGE_SIZE) -> None:
+    """Write the three models in the original single-file layout as .safetensors, their configs and the
+    training image size as JSON in the metadata (so that load() rebuilds them exactly). The file is
+    replaced atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: save_single_file writes .safetensors files only")
     tensors = {}
     for prefix, model in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (TEXT_PREFIX, text_encoder)):
         tensors |= {prefix + name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    configs = {"unet": asdict(unet.config), "vae": asdict(vae.config), "text_encoder": asdict(text_encoder.config)}
+    configs = {"unet": asdict(unet.config), "vae": asdict(vae.config), "text_encoder": asdict(text_encoder.config),
+               "image_size": image_size}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace stays a rename
     try:
         save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(configs)})
@@ -308,7 +316,8 @@ def _single_file(path: Path, unet_weights: str) -> _Weights:
         vae=(configs.get("vae") or infer_vae_config(vae, path.name), vae),
         text_encoder=(configs.get("text_encoder") or infer_clip_config(text, path.name), text),
         tokenizer=_tokenizer(CLIPTokenizer.bundled, path.name),
-        alphas_cumprod=None if alphas_cumprod is None else alphas_cumprod.clone())
+        alphas_cumprod=None if alphas_cumprod is None else alphas_cumprod.clone(),
+        image_size=configs.get("image_size", SD1_IMAGE_SIZE))
 
 
 def _refuse_other_family(tensors: dict, name: str) -> None:
@@ -350,8 +359,9 @@ def _metadata_configs(metadata: dict, what: str) -> dict:
     try:
         raw = json.loads(metadata[METADATA_KEY])
         return {"unet": _config(UNetConfig, raw["unet"], what), "vae": _config(VAEConfig, raw["vae"], what),
-                "text_encoder": _config(CLIPTextConfig, raw["text_encoder"], what)}
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                "text_encoder": _config(CLIPTextConfig, raw["text_encoder"], what),
+                "image_size": int(raw.get("image_size", SD1_IMAGE_SIZE))}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{what}: unreadable efddpm config in the file's metadata ({e!r})") from None
 
 
@@ -447,7 +457,8 @@ def weight_file_candidates(component: str, prefer_fp16: bool, raw_unet: bool) ->
 
 def _diffusers_folder(folder: Path, name: str, prefer_fp16: bool, unet_weights: str) -> _Weights:
     _refuse_other_folder(folder, name)
-    unet_config = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json", name), name)
+    unet_json = _read_json(folder / "unet" / "config.json", name)
+    unet_config = unet_config_from_diffusers(unet_json, name)
     vae_config = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json", name), name)
     clip_config = clip_config_from_transformers(_read_json(folder / "text_encoder" / "config.json", name), name)
     scheduler_config = _scheduler_config(folder / "scheduler" / "scheduler_config.json", name)
@@ -462,7 +473,9 @@ def _diffusers_folder(folder: Path, name: str, prefer_fp16: bool, unet_weights: 
         vae=(vae_config, {n: _conv_1x1(n, t) for n, t in vae.items()}),
         text_encoder=(clip_config, _renamed(text, transformers_clip_name, f"{name}: text_encoder")),
         tokenizer=_tokenizer(lambda: CLIPTokenizer.from_folder(folder / "tokenizer"), name),
-        scheduler_config=scheduler_config)
+        scheduler_config=scheduler_config,
+        image_size=(_single_value(unet_json.get("sample_size") or 64, "sample_size", name)  # latent side
+                    * 2 ** (len(vae_config.channel_mult) - 1)))
 
 
 def _component_tensors(folder: Path, component: str, name: str, prefer_fp16: bool, raw_unet: bool) -> dict:

@@ -149,6 +149,7 @@ def test_diffusers_folder_loads_with_its_configs(loaded, folder):
     assert (loaded.unet.config, loaded.vae.config, loaded.text_encoder.config) == (TINY_UNET, TINY_VAE, TINY_CLIP)
     assert loaded.scheduler_config == SD1_SCHEDULER and loaded.alphas_cumprod is None
     assert loaded.source == str(folder)
+    assert loaded.image_size == 64 * 2 ** (len(TINY_VAE.channel_mult) - 1)  # no sample_size: diffusers' SD1 64
     assert loaded.tokenizer("a photo of a cat")[0, :3].tolist() == [49406, 320, 1125]
     assert not loaded.unet.training
 
@@ -219,9 +220,10 @@ def test_metadata_configs_restore_what_shapes_cannot_tell(tmp_path):
     clip_config = CLIPTextConfig(width=64, layers=2, heads=4, mlp_width=128)
     models = [randomize_(cls(config), seed) for seed, (cls, config) in
               enumerate(((UNet, SMALL_UNET), (AutoencoderKL, SMALL_VAE), (CLIPTextModel, clip_config)))]
-    save_single_file(tmp_path / "small.safetensors", *models)
+    save_single_file(tmp_path / "small.safetensors", *models, image_size=32)
     again = load(tmp_path / "small.safetensors")
     assert (again.unet.config, again.vae.config, again.text_encoder.config) == (SMALL_UNET, SMALL_VAE, clip_config)
+    assert again.image_size == 32
     assert_same_weights(again.unet, models[0])
 
 
@@ -240,6 +242,7 @@ def test_file_without_metadata_loads_with_configs_inferred_from_shapes(tmp_path,
     assert_same_weights(models.unet, loaded.unet)
     assert_same_weights(models.text_encoder, loaded.text_encoder)
     assert torch.equal(models.alphas_cumprod, torch.linspace(1, 0, 1000))
+    assert models.image_size == 512  # no metadata: an SD1.x file
 
 
 def test_text_encoder_prefix_without_text_model_loads(tmp_path, loaded):
