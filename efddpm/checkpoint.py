@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import huggingface_hub
+import huggingface_hub.constants  # a lazy submodule: import it by name
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open

@@ -1,0 +1,130 @@
+"""Images in and out: any input becomes an RGB tensor in [-1, 1] of the model's size; PNGs are written atomically.
+
+Size policy (documented in the README and printed by the command line): the EXIF orientation is applied,
+the central square of the picture is kept (the shorter side; the authors crop to a square too), and it is
+resized with a Lanczos filter to `size` x `size`, `size` a multiple of 8 (512 for SD1.x).
+"""
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin
+
+MAX_PIXELS = 100_000_000  # larger inputs are refused (a decompression bomb, or a mistake)
+
+
+class ImageError(ValueError):
+    """A bad image input; the message is one line naming the problem."""
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Read and fully decode an image file, or raise ImageError saying why not."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"image not found: {path}")
+    if not path.is_file():
+        raise ImageError(f"not a file: {path}")
+    if path.stat().st_size == 0:
+        raise ImageError(f"image file is empty (0 bytes): {path}")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"image too large: {path} is {img.width}x{img.height}, the limit is {MAX_PIXELS:,} pixels")
+            img.load()
+            return ImageOps.exif_transpose(img)  # a decoded copy, upright
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"image too large: {path}") from None
+    except PermissionError:
+        raise ImageError(f"image not readable (permission denied): {path}") from None
+    except (Image.UnidentifiedImageError, SyntaxError):
+        raise ImageError(f"not an image: {path}") from None
+    except OSError as e:  # truncated or corrupted data
+        raise ImageError(f"image file is damaged ({e}): {path}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: transparency over white, 16-bit and 32-bit integers scaled to 8 bits."""
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"image has zero size ({img.width}x{img.height})")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(values * (255.0 if values.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def fit_square(img: Image.Image, size: int) -> tuple[Image.Image, str]:
+    """The central square, resized to size x size; also a line saying what was done."""
+    if size <= 0 or size % 8:
+        raise ImageError(f"size must be a positive multiple of 8, got {size}")
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = img.crop((left, top, left + side, top + side))
+    out = square if side == size else square.resize((size, size), Image.Resampling.LANCZOS)
+    note = f"{w}x{h}" + (f" -> central crop {side}x{side}" if w != h else "") + (f" -> resized {size}x{size}" if side != size else "")
+    return out, note
+
+
+def load_image(image, size: int) -> tuple[torch.Tensor, str]:
+    """A path, PIL image, uint8 numpy array [H, W(, C)] or float tensor [3, H, W] in [0, 1]
+    -> tensor [1, 3, size, size] in [-1, 1] (float32), and a line describing the resize."""
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image)
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ImageError(f"numpy images must be uint8 [H, W] or [H, W, C], got {image.dtype}")
+        image = Image.fromarray(image)
+    elif isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ImageError(f"tensor images must be [3, H, W] or [1, H, W] in [0, 1], got shape {tuple(image.shape)}")
+        array = (image.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).expand(3, -1, -1)
+        image = Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
+    elif not isinstance(image, Image.Image):
+        raise ImageError(f"unsupported image type {type(image).__name__}")
+    square, note = fit_square(to_rgb(image), size)
+    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32).copy())  # [size, size, 3] in 0..255
+    return (pixels.permute(2, 0, 1)[None] / 127.5 - 1.0), note  # [1, 3, size, size]
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Tensor [B, 3, H, W] in [-1, 1] -> list of RGB PIL images."""
+    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)  # [B, 3, H, W]
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    """Side by side, left to right."""
+    w, h = images[0].size
+    out = Image.new("RGB", (w * len(images), h), (255, 255, 255))
+    for i, img in enumerate(images):
+        out.paste(img, (i * w, 0))
+    return out
+
+
+def save_png(img: Image.Image, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write a PNG with text chunks, atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    for key, value in metadata.items():
+        info.add_itxt(key, value)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
