@@ -251,11 +251,11 @@ def edit_one(args, editor, image, source: str, targets: list[str], guidances: li
              for s in seeds for k in range(len(targets))]
     grid_name = out / f"{stem}_grid.png"
     check_new_files(names + ([grid_name] if make_grid else []), args.overwrite)
-    progress = Progress(len(seeds) * (args.steps + args.steps - skip), args.quiet)
+    progress = Progress(len(seeds) * 2 * (args.steps - skip), args.quiet)  # inversion and edit: steps - skip each
     results = []
     for seed in seeds:
         code = editor.invert(image, source, steps=args.steps, guidance=args.cfg_src, eta=args.eta, seed=seed,
-                             size=args.size, progress=progress)
+                             size=args.size, skip=skip, progress=progress)
         images = editor.edit(code, targets, guidance=guidances, skip=skip, progress=progress)
         for k, (target, img) in enumerate(zip(targets, images)):
             meta = settings(args, editor, image=str(image), resize=code.settings["image"], source=source,

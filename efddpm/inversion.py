@@ -61,16 +61,16 @@ def _rows(c: Tensor | None, k: int) -> Tensor | None:
     raise ValueError(f"batch {c.shape[0]} does not broadcast to {k}")
 
 
-def guided_eps(f: NoisePredictor, x: Tensor, t: int, cond: Tensor | None = None,
+def guided_eps(f: NoisePredictor, x: Tensor, t: int | Tensor, cond: Tensor | None = None,
                uncond: Tensor | None = None, guidance: float | Sequence[float] | Tensor | None = None
                ) -> Tensor:
     """f_t(x) with classifier-free guidance f_u + w (f_c - f_u), one batched call over [uncond; cond].
 
-    x: [K, ...]; cond, uncond: [K or 1, ...]; guidance: a number or one per row ([K]).
-    Returns eps [K, ...] in x's dtype.
+    x: [K, ...]; t: one timestep, or one per row ([K]); cond, uncond: [K or 1, ...]; guidance: a
+    number or one per row ([K]). Returns eps [K, ...] in x's dtype.
     """
     k = x.shape[0]
-    tt = torch.full((k,), int(t), dtype=torch.long, device=x.device)          # [K]
+    tt = torch.as_tensor(t, dtype=torch.long, device=x.device).expand(k)       # [K]
     if cond is None or uncond is None or guidance is None:                    # no guidance term
         return f(x, tt, _rows(cond if cond is not None else uncond, k)).to(x.dtype)
     both = f(torch.cat([x, x]), torch.cat([tt, tt]),                          # [2K, ...]
@@ -196,40 +196,68 @@ def edit_friendly_trajectory(x0: Tensor, abar: Tensor, ts: Tensor, noise: Tensor
 # Sec. 3: noise extraction (eq. 5) and Algorithm 1
 # ---------------------------------------------------------------------------------------------
 
+def _tiled(c, times: int, rows: int):
+    """A per-sample tensor (batch `rows` or 1) repeated for `times` steps stacked in one batch."""
+    if not isinstance(c, Tensor) or c.dim() == 0:
+        return c                                                            # None, or one number
+    c = _rows(c, rows)
+    return c.repeat(times, *([1] * (c.dim() - 1)))                          # [times * rows, ...]
+
+
 def extract_noise(f: NoisePredictor, xts: Tensor, ts: Tensor, cond=None, uncond=None,
                   guidance=None, *, eta: float = 1.0, schedule: ScheduleConfig = SD1,
-                  abar: Tensor | None = None, reference_direction: bool = False) -> Tensor:
+                  abar: Tensor | None = None, reference_direction: bool = False,
+                  skip: int = 0, chunk: int = 1) -> Tensor:
     """z_t = (x_{t-1} - mu_t(x_t)) / sigma_t for t = T..1 (eq. 5), writing back
     x_{t-1} = mu_t(x_t) + sigma_t z_t (eq. 3) so that rounding does not drift.
 
     Modifies xts [N+1, B, ...] in place (the write-back); returns zs [N, B, ...].
+    skip k: the k noisiest steps are not computed (their z are NaN); an edit with skip >= k
+        never uses them, and saves k network calls.
+    chunk: network evaluations of `chunk` consecutive steps in ONE batched call of f (batch
+        chunk * B, or twice that with guidance). The x_t of a trajectory are all known before
+        extraction, so the steps do not depend on each other but through the write-back, whose
+        change is rounding: with chunk > 1, f and mu see x_t as stored before the write-back.
+        chunk = 1 is Algorithm 1 to the letter.
     """
     abar = alphas_cumprod(schedule) if abar is None else abar
-    n_steps = ts.numel()
-    zs = torch.empty_like(xts[1:])                                          # [N, B, ...]
-    for n in range(n_steps, 0, -1):                                         # t = T .. 1
-        s = step_coefficients(abar, int(ts[n_steps - n]), n_steps, schedule, eta, reference_direction)
-        if s.sigma <= 0:
-            raise ValueError(f"sigma_t = 0 at t={s.t}: eq. 5 needs eta > 0 and var_t > 0")
-        eps = guided_eps(f, xts[n], s.t, cond, uncond, guidance)           # f_t(x_t), [B, ...]
-        zs[n - 1] = (xts[n - 1] - mu(xts[n], eps, s)) / s.sigma           # eq. 5
-        xts[n - 1] = ddpm_step(xts[n], eps, s, zs[n - 1])                  # eq. 3 (write-back)
+    n_steps, rows = ts.numel(), xts.shape[1]
+    if not 0 <= skip < n_steps or chunk < 1:
+        raise ValueError(f"need 0 <= skip < {n_steps} and chunk >= 1, got skip={skip}, chunk={chunk}")
+    zs = torch.full_like(xts[1:], float("nan"))                             # [N, B, ...]
+    steps = list(range(n_steps - skip, 0, -1))                              # t = T - skip .. 1
+    for first in range(0, len(steps), chunk):
+        group = steps[first:first + chunk]                                  # the paper's t, descending
+        coefs = [step_coefficients(abar, int(ts[n_steps - n]), n_steps, schedule, eta,
+                                   reference_direction) for n in group]
+        if min(s.sigma for s in coefs) <= 0:
+            raise ValueError("sigma_t = 0: eq. 5 needs eta > 0 and var_t > 0")
+        x_in = xts[torch.tensor(group, device=xts.device)]                  # x_t (a copy), [C, B, ...]
+        t_in = torch.tensor([s.t for s in coefs]).repeat_interleave(rows)   # [C * B]
+        eps = guided_eps(f, x_in.flatten(0, 1), t_in,                       # f_t(x_t), [C * B, ...]
+                         _tiled(cond, len(group), rows), _tiled(uncond, len(group), rows),
+                         _tiled(guidance, len(group), rows)).view_as(x_in)
+        for x, e, n, s in zip(x_in, eps, group, coefs):
+            zs[n - 1] = (xts[n - 1] - mu(x, e, s)) / s.sigma                # eq. 5
+            xts[n - 1] = ddpm_step(x, e, s, zs[n - 1])                      # eq. 3 (write-back)
     return zs
 
 
 def _invert(method: str, trajectory, f, x0, cond, uncond, guidance, num_steps, eta, generator,
-            noise, schedule, abar, reference_direction, zero_last_noise, meta) -> LatentCode:
+            noise, schedule, abar, reference_direction, zero_last_noise, meta, skip=0, chunk=1
+            ) -> LatentCode:
     dtype = _working_dtype(x0)
     abar = alphas_cumprod(schedule) if abar is None else abar
     ts = timesteps(num_steps, schedule)
     eps_tilde, src = _noise(num_steps, x0, dtype, generator, noise)        # [N, B, ...]
     xts = trajectory(x0.to(dtype), abar, ts, eps_tilde)                     # [N+1, B, ...]
     zs = extract_noise(f, xts, ts, cond, uncond, guidance, eta=eta, schedule=schedule, abar=abar,
-                       reference_direction=reference_direction)
+                       reference_direction=reference_direction, skip=skip, chunk=chunk)
     if zero_last_noise:          # the authors' choice: the last step x_1 -> x_0 is deterministic
         zs[0] = 0
     settings = _settings(method, num_steps, eta, guidance, schedule, dtype, reference_direction,
                          zero_last_noise, src, meta)
+    settings["skip"] = skip  # edits need skip >= this: the noisier z's were not computed
     return LatentCode(xts[num_steps], zs, xts, ts, settings)
 
 
@@ -238,16 +266,18 @@ def edit_friendly_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=Non
                             generator: torch.Generator | None = None, noise: Tensor | None = None,
                             schedule: ScheduleConfig = SD1, abar: Tensor | None = None,
                             reference_direction: bool = False, zero_last_noise: bool = False,
-                            meta: dict | None = None) -> LatentCode:
+                            meta: dict | None = None, skip: int = 0, chunk: int = 1) -> LatentCode:
     """Algorithm 1: draw x_1..x_T independently by eq. 6, then extract z_T..z_1 by eq. 5 with
     write-back. Replaying eq. 3 with the code and the same cond/guidance returns x_0 exactly.
 
     x0: [B, ...] (each row gets its own noise); noise: optional eps~ [N, B, ...], noise[n-1] for
-    xts[n]; zero_last_noise / reference_direction: the authors' code (audit options, see SPEC).
+    xts[n]; zero_last_noise / reference_direction: the authors' code (audit options, see SPEC);
+    skip / chunk: leave out the steps an edit with that skip never uses, and evaluate f for
+    several steps in one batched call (see extract_noise).
     """
     return _invert("edit_friendly", edit_friendly_trajectory, f, x0, cond, uncond, guidance,
                    num_steps, eta, generator, noise, schedule, abar, reference_direction,
-                   zero_last_noise, meta)
+                   zero_last_noise, meta, skip, chunk)
 
 
 def native_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None, guidance=3.5, *,
@@ -255,11 +285,12 @@ def native_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None, guid
                      generator: torch.Generator | None = None, noise: Tensor | None = None,
                      schedule: ScheduleConfig = SD1, abar: Tensor | None = None,
                      reference_direction: bool = False, zero_last_noise: bool = False,
-                     meta: dict | None = None) -> LatentCode:
+                     meta: dict | None = None, skip: int = 0, chunk: int = 1) -> LatentCode:
     """The native DDPM inversion (Sec. 2.1), for comparison: x_1..x_T from the forward chain
     (eq. 1), then z_T..z_1 by eq. 5. Also reconstructs exactly, but does not edit well."""
     return _invert("native", native_trajectory, f, x0, cond, uncond, guidance, num_steps, eta,
-                   generator, noise, schedule, abar, reference_direction, zero_last_noise, meta)
+                   generator, noise, schedule, abar, reference_direction, zero_last_noise, meta,
+                   skip, chunk)
 
 
 def diverse_inversions(f: NoisePredictor, x0: Tensor, seeds: Sequence[int], *args, **kwargs
@@ -324,6 +355,9 @@ def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guid
     n_steps, ts = code.num_steps, code.timesteps
     if not 0 <= skip < n_steps:
         raise ValueError(f"skip must be in 0..{n_steps - 1}, got {skip}")
+    if skip < st.get("skip", 0):
+        raise ValueError(f"this code was inverted for edits with skip >= {st['skip']} (its noisier "
+                         f"noise maps were never computed), got skip={skip}")
     rows = [code.xts.shape[1]] + [c.shape[0] for c in (cond, uncond) if c is not None]
     if guidance is not None and torch.as_tensor(guidance).numel() > 1:
         rows.append(torch.as_tensor(guidance).numel())

@@ -10,14 +10,16 @@ last hidden state. The UNet runs in the editor's dtype; the method keeps x_t and
 float32 and divides by sigma_t there (pitfall 4). An empty source prompt means no guidance term during the
 inversion, as in the authors' code (pitfall 5); otherwise eps = f("") + w (f(prompt) - f("")).
 """
+import contextlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from PIL import Image
 
 from .checkpoint import CheckpointError, StableDiffusionModels, load
+from .fast import GraphedUNet, inversion_chunk
 from .images import load_image, to_pil
 from .inversion import LatentCode, edit_friendly_inversion, regenerate
 from .manipulations import colour_edit, colour_target, latent_mask, shift_code
@@ -41,11 +43,31 @@ def check_schedule(models: StableDiffusionModels) -> None:
         raise CheckpointError(f"{models.source}: scheduler_config.json has {different}, SD1.x's schedule is {expected}")
 
 
+@contextlib.contextmanager
+def exact_float32(dtype: torch.dtype):
+    """For float32 networks on CUDA, keep convolutions and matmuls in true float32 (no TF32, whose 10-bit
+    mantissa would break the exact reconstruction); other dtypes are left alone."""
+    if dtype != torch.float32 or not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @dataclass
 class Editor:
-    """The models of one checkpoint, and the edit-friendly inversion and editing of images with them."""
+    """The models of one checkpoint, and the edit-friendly inversion and editing of images with them.
+
+    fast (default: on for CUDA): batched inversion calls over timesteps, the inversion steps an edit never
+    uses left out, and the regeneration replayed from CUDA graphs (efddpm.fast). Same formulas."""
     models: StableDiffusionModels
     dtype: torch.dtype
+    fast: bool = False
+    graphed_unet: GraphedUNet | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_pretrained(cls, source: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -53,7 +75,7 @@ class Editor:
         """A hub id, a diffusers folder or a single-file checkpoint (see efddpm.checkpoint.load)."""
         models = load(source, device=device, dtype=dtype, revision=revision, offline=offline)
         check_schedule(models)
-        return cls(models, dtype)
+        return cls(models, dtype, fast=torch.device(device).type == "cuda")
 
     @property
     def device(self) -> torch.device:
@@ -89,13 +111,18 @@ class Editor:
         vae = self.models.vae
         return vae.decode((latents / vae.config.scaling_factor).to(self.dtype)).float().clamp(-1, 1)
 
-    def noise_predictor(self, progress: Progress | None = None):
-        """f(x_t, t, text) for efddpm.inversion: the UNet in the editor's dtype (the method upcasts its output)."""
+    def noise_predictor(self, progress: Progress | None = None, graphed: bool = False):
+        """f(x_t, t, text) for efddpm.inversion: the UNet in the editor's dtype (the method upcasts its output);
+        graphed: replayed from CUDA graphs (the fast path's sequential regeneration)."""
         unet, dtype = self.models.unet, self.dtype
+        if graphed and self.fast:
+            self.graphed_unet = self.graphed_unet or GraphedUNet(unet)
+            unet = self.graphed_unet
 
         @torch.inference_mode()
         def f(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            eps = unet(x.to(dtype), t, context.to(dtype))
+            with exact_float32(dtype):
+                eps = unet(x.to(dtype), t, context.to(dtype))
             if progress is not None:
                 progress(1)
             return eps
@@ -105,15 +132,19 @@ class Editor:
     # ------------------------------------------------------------------ the job
 
     def invert(self, image, source_prompt: str = "", *, steps: int = 100, guidance: float = 3.5, eta: float = 1.0,
-               seed: int | None = None, size: int | None = None, progress: Progress | None = None) -> LatentCode:
-        """Edit-friendly inversion (Algorithm 1) of one image under the source prompt (`steps` network calls)."""
+               seed: int | None = None, size: int | None = None, skip: int = 0,
+               progress: Progress | None = None) -> LatentCode:
+        """Edit-friendly inversion (Algorithm 1) of one image under the source prompt (`steps - skip` network
+        calls). skip: the code serves edits with that skip or more (the noisier steps are left out)."""
         x0, note = self.encode_image(image, size)
         uncond = self.encode_prompts("")
         cond = self.encode_prompts(source_prompt) if source_prompt else None  # "": no guidance term
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        chunk = inversion_chunk(self.models.unet, x0, steps - skip, 2 if cond is not None else 1, self.dtype) \
+            if self.fast else 1
         return edit_friendly_inversion(
-            self.noise_predictor(progress), x0, cond, uncond, guidance if cond is not None else None,
-            num_steps=steps, eta=eta, generator=generator,
+            self.noise_predictor(progress, graphed=chunk == 1), x0, cond, uncond,
+            guidance if cond is not None else None, num_steps=steps, eta=eta, generator=generator, skip=skip, chunk=chunk,
             meta={"source_prompt": source_prompt, "model": self.models.source, "image": note,
                   "model_dtype": str(self.dtype).removeprefix("torch.")})
 
@@ -126,8 +157,9 @@ class Editor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         guidance = code.settings.get("guidance") if guidance is None else guidance
         weights = None if guidance is None else torch.as_tensor(guidance, dtype=torch.float32).expand(len(prompts))
-        return regenerate(self.noise_predictor(progress), code.to(self.device), self.encode_prompts(prompts),
-                          self.encode_prompts(""), weights, skip=skip, eta=eta, **options)  # [K, 4, h, w]
+        f = self.noise_predictor(progress, graphed=True)
+        return regenerate(f, code.to(self.device), self.encode_prompts(prompts), self.encode_prompts(""), weights,
+                          skip=skip, eta=eta, **options)  # [K, 4, h, w]
 
     def edit(self, code: LatentCode, target_prompts: str | list[str], *, guidance: float | list[float] = 15.0,
              skip: int = 36, eta: float | None = None, output: str = "pil",
@@ -166,6 +198,6 @@ class Editor:
         prompt = code.settings.get("source_prompt", "") if prompt is None else prompt
         guidance = code.settings.get("guidance")
         weights = None if guidance is None else torch.tensor([float(guidance)])
-        latents = colour_edit(self.noise_predictor(progress), code.to(self.device), latent, target.to(self.device),
+        latents = colour_edit(self.noise_predictor(progress, graphed=True), code.to(self.device), latent, target.to(self.device),
                               strength, step_range, self.encode_prompts(prompt), self.encode_prompts(""), weights)
         return to_pil(self.decode(latents))[0]

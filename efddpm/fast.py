@@ -1,0 +1,63 @@
+"""The CUDA fast path: the same mathematics with fewer kernel launches and fuller batches.
+
+At batch 2 an SD1.x UNet step is bound by the host launching ~1,000 kernels, not by the GPU. So:
+
+- the inversion skips the steps the edit never uses (efddpm.inversion.extract_noise's `skip`) and, in half
+  precision, evaluates many timesteps in one batched call (Algorithm 1 draws every x_t independently; `chunk`);
+- the sequential steps replay a CUDA graph of the UNet, captured once per input shape.
+
+Nothing here changes a formula; tests/test_fast_path.py checks the batched inversion against the
+step-by-step one on the CPU, benchmarks/speed.py measures it on a GPU.
+"""
+import torch
+from torch import nn
+
+SATURATING_BATCH = 64  # samples per UNet call beyond which an H100 gains < 10% throughput (measured: 32 -> 64)
+
+
+def inversion_chunk(unet: nn.Module, latent: torch.Tensor, steps: int, per_step: int, dtype: torch.dtype) -> int:
+    """Timesteps per batched inversion call: as many as keep the batch under SATURATING_BATCH samples and
+    the activations under half the free GPU memory. latent: [B, C, h, w]; per_step: UNet samples per step
+    (2B with guidance). Float32 and float64 keep 1, the step-by-step Algorithm 1: batching makes f see x_t
+    before the write-back, which costs the exact reconstruction (~1e-5 instead of ~1e-8 in float32)."""
+    if latent.device.type != "cuda" or dtype.itemsize > 2:
+        return 1
+    free, _ = torch.cuda.mem_get_info(latent.device)
+    # activations of one sample, kept alive for the skip connections: ~60 maps of model_channels x h x w
+    per_sample = 60 * unet.config.model_channels * latent.shape[-2] * latent.shape[-1] * dtype.itemsize
+    by_memory = int(0.5 * free) // (per_sample * per_step)
+    return max(1, min(steps, SATURATING_BATCH // per_step, by_memory))
+
+
+class GraphedUNet:
+    """unet(x, t, context) replayed from a CUDA graph, one graph per input shape (captured on first use).
+
+    Inputs are copied into the graph's static buffers and the output is cloned, so callers see an
+    ordinary function. Use under torch.inference_mode(), as efddpm.pipeline does."""
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), tuple(context.shape), x.dtype, context.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(x, t, context)
+        graph, inputs, output = self.graphs[key]
+        for static, value in zip(inputs, (x, t, context)):
+            static.copy_(value)
+        graph.replay()
+        return output.clone()
+
+    def capture(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+        inputs = (x.clone(), t.clone(), context.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisation, kernel selection
+            for _ in range(2):
+                self.unet(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self.unet(*inputs)
+        return graph, inputs, output
