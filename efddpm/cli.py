@@ -347,11 +347,10 @@ def run_regenerate(args) -> None:
         note(args, f"wrote {name}")
 
 
-def run_shift(args) -> None:
-    check_settings(args)
-    open_image(args.image)
+def manipulate(args, suffix: str, apply, **meta) -> None:
+    """Invert args.image, then apply(editor, code, progress) -> PIL image; write <stem>_<suffix>.png."""
     out = Path(args.out)
-    name = out / f"{Path(args.image).stem}_shift_{args.dy}_{args.dx}.png"
+    name = out / f"{Path(args.image).stem}_{suffix}.png"
     check_output_folder(out)
     check_new_files([name], args.overwrite)
     editor = load_editor(args)
@@ -359,13 +358,20 @@ def run_shift(args) -> None:
     seed = seeds_for(args)[0]
     progress = Progress(2 * args.steps, args.quiet)
     code = invert(args, editor, args.image, seed, progress)
-    img = editor.shift(code, args.dy, args.dx, progress=progress)
+    img = apply(editor, code, progress)
     progress.close()
     out.mkdir(parents=True, exist_ok=True)
-    save_png(img, name, png_metadata(settings(args, editor, image=str(args.image), source=args.source, dx=args.dx,
-                                              dy=args.dy, cfg_src=args.cfg_src, steps=args.steps, eta=args.eta,
-                                              seed=seed)))
+    save_png(img, name, png_metadata(settings(args, editor, image=str(args.image), source=args.source,
+                                              cfg_src=args.cfg_src, steps=args.steps, eta=args.eta, seed=seed, **meta)))
     note(args, f"wrote {name}")
+
+
+def run_shift(args) -> None:
+    check_settings(args)
+    open_image(args.image)
+    manipulate(args, f"shift_{args.dy}_{args.dx}",
+               lambda editor, code, progress: editor.shift(code, args.dy, args.dx, progress=progress),
+               dx=args.dx, dy=args.dy)
 
 
 def run_recolor(args) -> None:
@@ -382,24 +388,10 @@ def run_recolor(args) -> None:
     mask = open_image(args.mask)
     if mask.size != image.size:
         raise UsageError(f"mask {args.mask} is {mask.width}x{mask.height}, the image is {image.width}x{image.height}")
-    out = Path(args.out)
-    name = out / f"{Path(args.image).stem}_recolor.png"
-    check_output_folder(out)
-    check_new_files([name], args.overwrite)
-    editor = load_editor(args)
-    check_prompts(editor, [args.source])
-    seed = seeds_for(args)[0]
-    progress = Progress(2 * args.steps, args.quiet)
-    code = invert(args, editor, args.image, seed, progress)
-    img = editor.recolor(code, image, mask, colour, strength=args.strength, step_range=(t1, t2), size=args.size,
-                         progress=progress)
-    progress.close()
-    out.mkdir(parents=True, exist_ok=True)
-    save_png(img, name, png_metadata(settings(args, editor, image=str(args.image), mask=str(args.mask),
-                                              source=args.source, color=args.color, strength=args.strength,
-                                              t_range=[t1, t2], cfg_src=args.cfg_src, steps=args.steps,
-                                              eta=args.eta, seed=seed)))
-    note(args, f"wrote {name}")
+    manipulate(args, "recolor",
+               lambda editor, code, progress: editor.recolor(code, image, mask, colour, strength=args.strength,
+                                                             step_range=(t1, t2), size=args.size, progress=progress),
+               mask=str(args.mask), color=args.color, strength=args.strength, t_range=[t1, t2])
 
 
 def read_batch(path: Path) -> list[dict]:
