@@ -62,8 +62,8 @@ def exact_float32(dtype: torch.dtype):
 class Editor:
     """The models of one checkpoint, and the edit-friendly inversion and editing of images with them.
 
-    fast (default: on for CUDA): batched inversion calls over timesteps, the inversion steps an edit never
-    uses left out, and the regeneration replayed from CUDA graphs (efddpm.fast). Same formulas."""
+    fast (from_pretrained: on for CUDA): half-precision inversions batched over timesteps, the regeneration
+    replayed from CUDA graphs, the UNet in channels_last (efddpm.fast). Same formulas."""
     models: StableDiffusionModels
     dtype: torch.dtype
     fast: bool = False
@@ -75,7 +75,10 @@ class Editor:
         """A hub id, a diffusers folder or a single-file checkpoint (see efddpm.checkpoint.load)."""
         models = load(source, device=device, dtype=dtype, revision=revision, offline=offline)
         check_schedule(models)
-        return cls(models, dtype, fast=torch.device(device).type == "cuda")
+        fast = torch.device(device).type == "cuda"
+        if fast:
+            models.unet.to(memory_format=torch.channels_last)
+        return cls(models, dtype, fast=fast)
 
     @property
     def device(self) -> torch.device:
