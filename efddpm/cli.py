@@ -27,8 +27,8 @@ from . import __version__
 from .checkpoint import CheckpointError
 from .images import ImageError, grid, load_image, open_image, save_png, to_pil
 from .inversion import LatentCode
+from .shapes import DEFAULT_MODEL
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "efddpm-shapes.safetensors"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
