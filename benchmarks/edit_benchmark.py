@@ -9,7 +9,8 @@ circle ...") and a shape edit ("a red circle ..." -> "a red square ..."), by:
                     (skip 0 is the authors' DDIM baseline)
     SDEdit          the input latent noised to a strength s (eq. 2, fresh noise), then DDPM sampling
 
-over a sweep of T_skip (20, 36, 52 of 100 steps) and target guidance (7.5, 15, 25); SDEdit over strengths.
+with the paper's defaults (T_skip 36 of 100 steps, target guidance w 15), a sweep of T_skip (20, 36, 52 at
+w 15) and of w (3.5, 7.5, 15 at skip 36); SDEdit at strengths 0.3, 0.5, 0.7 with w 7.5 and 15.
 The outputs are measured by the pixel rules of efddpm.shapes:
 
     hit         the target was reached: the shape's colour (colour edits), the shape class (shape edits)
@@ -19,7 +20,7 @@ The outputs are measured by the pixel rules of efddpm.shapes:
     shift       distance between the boxes' centres, pixels of the 64-pixel picture
     bg kept     fraction of the input's background (2 px away from the shape) still background
 
-    python benchmarks/edit_benchmark.py                  # 20 pictures, ~8 min on 2 CPU cores
+    python benchmarks/edit_benchmark.py                  # 20 pictures, ~10 min on a 2-core CPU
     python benchmarks/edit_benchmark.py --pictures 4 --out /tmp/bench      # a quick look
 
 Writes results.md (the table), results.json (every measurement), results.png (adherence vs structure)
@@ -45,10 +46,12 @@ from efddpm.inversion import ddim_inversion, edit_friendly_inversion, native_inv
 from efddpm.manipulations import sdedit
 
 W_SRC = 3.5
-SKIPS = (20, 36, 52)
-GUIDANCES = (7.5, 25.0)          # besides the default 15, at skip 36
-SDEDIT_STRENGTHS = (0.3, 0.5, 0.7, 0.9)
+SKIPS = (20, 36, 52)             # at w 15
+GUIDANCES = (3.5, 7.5, 15.0)     # at skip 36
+SDEDIT_STRENGTHS = (0.3, 0.5, 0.7)
+SDEDIT_GUIDANCES = (7.5, 15.0)
 NUM_STEPS = 100
+METHODS = ("edit-friendly", "native", "DDIM", "SDEdit")
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,13 @@ class Setting:
 
 
 def settings() -> list[Setting]:
+    """The paper's default (skip 36, w 15) first, then the sweeps."""
     out = []
-    for method in ("edit-friendly", "native", "DDIM"):
+    for method in METHODS[:3]:
         out += [Setting(method, 36, 15.0)] + [Setting(method, k, 15.0) for k in SKIPS if k != 36] \
-            + [Setting(method, 36, w) for w in GUIDANCES]
-    out.append(Setting("DDIM", 0, 15.0))
-    out += [Setting("SDEdit", round(NUM_STEPS * (1 - s)), 15.0) for s in SDEDIT_STRENGTHS]
+            + [Setting(method, 36, w) for w in GUIDANCES if w != 15.0]
+    out.append(Setting("DDIM", 0, 15.0))        # the authors' DDIM baseline: all 100 steps
+    out += [Setting("SDEdit", round(NUM_STEPS * (1 - s)), w) for w in SDEDIT_GUIDANCES for s in SDEDIT_STRENGTHS]
     return out
 
 
@@ -159,29 +163,29 @@ def table(summary: dict[Setting, dict], n: int) -> str:
 
 
 def plot(summary: dict[Setting, dict]) -> Image.Image:
-    """Left: colour edits, hit rate vs mask IoU; right: shape edits, hit rate vs box IoU. One line per
-    method over T_skip (SDEdit: strength), at w 15; the guidance sweep of edit-friendly as its own line."""
-    panels = []
-    for kind, x_key, x_name in (("colour", "colour_mask_iou", "mask IoU with the input (structure kept)"),
-                                ("shape", "shape_box_iou", "box IoU with the input (position and size kept)")):
-        series, labels = {}, {}
-        for s, r in summary.items():
-            name = s.method if s.guidance == 15.0 else None
-            if s.method == "edit-friendly" and s.skip == 36:     # also on the guidance line
-                series.setdefault("edit-friendly, w sweep", []).append((r[x_key], 100 * r[f"{kind}_hit"]))
-                labels.setdefault("edit-friendly, w sweep", []).append(f"w{s.guidance:g}")
-            if name is not None:
-                series.setdefault(name, []).append((r[x_key], 100 * r[f"{kind}_hit"]))
-                labels.setdefault(name, []).append(s.label.split(",")[0].replace("strength ", "s").replace("skip ", ""))
-        for name in series:   # sort each line along x
-            order = sorted(range(len(series[name])), key=lambda i: series[name][i][0])
-            series[name] = [series[name][i] for i in order]
-            labels[name] = [labels[name][i] for i in order]
-        panels.append(line_chart(series, f"{kind} edits: target reached vs structure kept", x_name,
-                                 "target reached (%)", markers=True, labels=labels, xlim=(0, 1.02), ylim=(-3, 103)))
-    out = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), (255, 255, 255))
-    for i, p in enumerate(panels):
-        out.paste(p, (i * panels[0].width, 0))
+    """Target reached vs structure kept. Columns: colour edits (x: mask IoU), shape edits (x: box IoU).
+    Rows: the guidance sweep at skip 36 (SDEdit: strengths at w 7.5), the T_skip sweep at w 15 (SDEdit:
+    strengths at w 15). One line per method, each point labelled with its setting."""
+    rows = (("target guidance (skip 36)", lambda s: s.skip == 36 if s.method != "SDEdit" else s.guidance == 7.5,
+             lambda s: f"w{s.guidance:g}" if s.method != "SDEdit" else f"s{1 - s.skip / NUM_STEPS:.1f}"),
+            ("T_skip (w 15)", lambda s: s.guidance == 15.0,
+             lambda s: f"{s.skip}" if s.method != "SDEdit" else f"s{1 - s.skip / NUM_STEPS:.1f}"))
+    cols = (("colour", "colour_mask_iou", "mask IoU with the input"),
+            ("shape", "shape_box_iou", "bounding-box IoU with the input"))
+    charts = []
+    for sweep, keep, label in rows:
+        for kind, x_key, x_name in cols:
+            series, labels = {m: [] for m in METHODS}, {m: [] for m in METHODS}   # fixed order: fixed colours
+            for s, r in sorted(summary.items(), key=lambda e: e[1][x_key]):
+                if keep(s):
+                    series[s.method].append((r[x_key], 100 * r[f"{kind}_hit"]))
+                    labels[s.method].append(label(s))
+            charts.append(line_chart(series, f"{kind} edits, sweep of {sweep}", x_name, "target reached (%)",
+                                     markers=True, labels=labels, xlim=(0, 1.0), ylim=(0, 104)))
+    w, h = charts[0].size
+    out = Image.new("RGB", (2 * w, 2 * h), (255, 255, 255))
+    for i, c in enumerate(charts):
+        out.paste(c, ((i % 2) * w, (i // 2) * h))
     return out
 
 
@@ -192,7 +196,10 @@ def examples(pics, src_imgs, outputs, chosen: list[Setting], k: int = 4, scale: 
     cols = 1 + len(chosen)
     img = Image.new("RGB", (cols * size, 14 + 2 * k * size), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    for j, s in enumerate(["input"] + [f"{s.method} {s.skip if s.method != 'SDEdit' else ''}" for s in chosen]):
+    short = {"edit-friendly": "EF", "native": "native", "DDIM": "DDIM", "SDEdit": "SDEdit"}
+    heads = [f"{short[s.method]} " + (f"s{1 - s.skip / NUM_STEPS:.1f}" if s.method == "SDEdit" else f"k{s.skip}")
+             + f" w{s.guidance:g}" for s in chosen]
+    for j, s in enumerate(["input"] + heads):
         d.text((j * size + 2, 1), s, fill=(0, 0, 0), font=font)
     for i in range(min(k, len(pics))):
         for r, kind in enumerate(("colour", "shape")):
@@ -236,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
          "summary": [{"method": s.method, "skip": s.skip, "guidance": s.guidance, **r} for s, r in summary.items()],
          "rows": rows}, indent=1))
     plot(summary).save(args.out / "results.png")
-    chosen = [Setting("edit-friendly", 36, 15.0), Setting("native", 36, 15.0), Setting("DDIM", 36, 15.0),
-              Setting("DDIM", 0, 15.0), Setting("SDEdit", round(NUM_STEPS * (1 - 0.7)), 15.0)]
+    chosen = [Setting(m, 36, w) for w in (15.0, 7.5) for m in ("edit-friendly", "native", "DDIM")] \
+        + [Setting("SDEdit", 50, 7.5)]
     examples(pics, src_imgs, outputs, chosen).save(args.out / "examples.png")
     print(md)
     print(f"wrote {args.out}/results.md, results.json, results.png, examples.png; {time.perf_counter() - started:.0f} s")

@@ -1,0 +1,66 @@
+"""The picture generator of the default model and the pixel rules of the edit benchmark (efddpm.shapes)."""
+import numpy as np
+
+from efddpm import shapes
+
+
+def test_seeded_and_split():
+    assert shapes.pictures(50, seed=3) == shapes.pictures(50, seed=3)
+    assert shapes.pictures(50, seed=3) != shapes.pictures(50, seed=4)
+    train, held = shapes.pictures(400, seed=1), shapes.heldout_pictures(400, seed=1)
+    assert all(p.split == "train" for p in train) and all(p.split == "heldout" for p in held)
+    assert not set(train) & set(held)
+    # about 1 in HELDOUT_MODULUS of all pictures is held out
+    rng = np.random.default_rng(0)
+    fraction = np.mean([shapes.Picture(*_raw(rng)).split == "heldout" for _ in range(5000)])
+    assert abs(fraction - 1 / shapes.HELDOUT_MODULUS) < 0.02
+
+
+def _raw(rng):
+    return (str(rng.choice(shapes.SHAPES)), "red", "white", int(rng.integers(18, 41)), int(rng.integers(12, 53)),
+            int(rng.integers(12, 53)))
+
+
+def test_pictures_and_captions():
+    for p in shapes.pictures(200, seed=2):
+        assert p.colour != p.background
+        half = p.size / 2
+        assert shapes.MARGIN <= p.cx - half and p.cx + half <= shapes.DEFAULT_SIZE - shapes.MARGIN
+        assert shapes.MARGIN <= p.cy - half and p.cy + half <= shapes.DEFAULT_SIZE - shapes.MARGIN
+    assert shapes.caption("red", "circle", "white") == "a red circle on a white background"
+    assert shapes.caption("orange", "star", "gray") == "an orange star on a gray background"
+    img = shapes.render(shapes.Picture("square", "blue", "white", 20, 32, 32))
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    assert tuple(img[32, 32]) == shapes.COLOURS["blue"] and tuple(img[2, 2]) == shapes.BACKGROUNDS["white"]
+
+
+def test_pixel_rules_read_clean_pictures_exactly():
+    """On drawn pictures the rules are never wrong: colour, shape class, box within 1 px of the spec."""
+    for p in shapes.heldout_pictures(300, seed=5):
+        img = shapes.render(p)
+        mask = shapes.shape_mask(img, p.background)
+        assert shapes.shape_colour(img, mask) == p.colour
+        assert shapes.shape_class(mask)[0] == p.shape
+        x0, y0, x1, y1 = shapes.box(mask)
+        half = p.size / 2
+        assert max(abs(x0 - (p.cx - half)), abs(x1 - (p.cx + half)), abs(y0 - (p.cy - half)),
+                   abs(y1 - (p.cy + half))) <= 1.0
+        assert shapes.background_kept(img, mask, p.background) == 1.0
+
+
+def test_measurements():
+    p = shapes.Picture("circle", "red", "white", 30, 32, 32)
+    img = shapes.render(p)
+    mask = shapes.shape_mask(img, "white")
+    assert shapes.iou(mask, mask) == 1.0 and shapes.box_iou(shapes.box(mask), shapes.box(mask)) == 1.0
+    moved = shapes.shape_mask(shapes.render(shapes.Picture("circle", "red", "white", 30, 40, 32)), "white")
+    assert 0.4 < shapes.iou(mask, moved) < 0.8
+    assert abs(shapes.centroid(moved)[0] - shapes.centroid(mask)[0] - 8) < 0.5
+    speckled = mask.copy()
+    speckled[2, 2] = speckled[60, 61] = True           # isolated specks do not change class or box
+    assert shapes.shape_class(speckled)[0] == "circle" and shapes.box(speckled) == shapes.box(mask)
+    assert shapes.shape_colour(img, np.zeros_like(mask)) is None and shapes.shape_class(~np.ones_like(mask)) == (None, 0.0)
+    colour_edit, shape_edit = shapes.edit_targets(p)
+    assert colour_edit.colour not in ("red", "white") and colour_edit.shape == "circle"
+    assert shape_edit.shape != "circle" and shape_edit.colour == "red"
+    assert (colour_edit.size, colour_edit.cx, colour_edit.cy) == (shape_edit.size, shape_edit.cx, shape_edit.cy) == (30, 32, 32)
