@@ -67,8 +67,9 @@ def build_parser() -> Parser:
 
     def edit_flags(p):
         p.add_argument("--target", action="append", required=True, help="target prompt (repeatable)")
-        p.add_argument("--cfg-tgt", type=float, nargs="+", default=[15.0],
-                       help="target guidance: one value, or one per target")
+        p.add_argument("--cfg-tgt", type=float, nargs="+",
+                       help="target guidance: one value, or one per target (default: 15, the paper's; 7.5 for the "
+                            "embedded shapes model)")
         p.add_argument("--skip", type=int, default=36, help="T_skip: steps left out at the start")
 
     def output_flags(p, what):
@@ -115,7 +116,8 @@ def build_parser() -> Parser:
     p.add_argument("file", help='a list of {"image", "source", "targets"} (TOML: [[edit]] tables); '
                                 "relative image paths are relative to the file")
     inversion_flags(p, with_source=False), model_flags(p), output_flags(p, "edited PNGs")
-    p.add_argument("--cfg-tgt", type=float, default=15.0, help="target guidance")
+    p.add_argument("--cfg-tgt", type=float, help="target guidance (default: 15, the paper's; 7.5 for the embedded "
+                                                 "shapes model)")
     p.add_argument("--skip", type=int, default=36, help="T_skip: steps left out at the start")
     p.set_defaults(run=run_batch)
     return parser
@@ -134,7 +136,7 @@ def check_settings(args, steps: int | None = None) -> None:
     if not 0 <= skip < steps:
         raise UsageError(f"--skip must be in 0..{steps - 1} (less than --steps {steps}), got {skip}")
     for name in ("cfg_src", "cfg_tgt"):
-        for w in (v if isinstance(v := getattr(args, name, 0.0), list) else [v]):
+        for w in (v if isinstance(v := getattr(args, name, None) or 0.0, list) else [v]):
             if w < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {w}")
     if not 0.0 <= getattr(args, "eta", 1.0) <= 1.0:
@@ -144,7 +146,7 @@ def check_settings(args, steps: int | None = None) -> None:
     if args.size is not None and (args.size <= 0 or args.size % 8):
         raise UsageError(f"--size must be a positive multiple of 8, got {args.size}")
     targets = getattr(args, "target", None)
-    if targets is not None and len(args.cfg_tgt) not in (1, len(targets)):
+    if targets is not None and args.cfg_tgt is not None and len(args.cfg_tgt) not in (1, len(targets)):
         raise UsageError(f"--cfg-tgt takes one value or one per --target ({len(targets)}), got {len(args.cfg_tgt)}")
 
 
@@ -195,7 +197,8 @@ def load_editor(args, model: str | None = None):
     from .pipeline import Editor
     source = model or args.model or str(DEFAULT_MODEL)
     if not (model or args.model) and not DEFAULT_MODEL.is_file():
-        raise UsageError(f"no --model given and the embedded model {DEFAULT_MODEL} is missing")
+        raise UsageError(f"no --model given and the embedded model {DEFAULT_MODEL} is missing (it ships in the "
+                         "repository's weights/: install from a checkout with pip install -e ., or pass --model)")
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available here")
@@ -280,13 +283,19 @@ def seeds_for(args) -> list[int]:
     return [first + i for i in range(getattr(args, "num_inversions", 1))]
 
 
+def target_guidances(args, editor, n: int) -> list[float]:
+    """--cfg-tgt as one weight per target; not given: the editor's default (15, or 7.5 for the embedded model)."""
+    given = [editor.target_guidance] if args.cfg_tgt is None else args.cfg_tgt
+    return given * n if len(given) == 1 else given
+
+
 def run_edit(args) -> None:
     check_settings(args)
     open_image(args.image)  # fail on a bad image before loading any model
     check_output_folder(Path(args.out))
     editor = load_editor(args)
     check_prompts(editor, [args.source, *args.target])
-    guidances = args.cfg_tgt * len(args.target) if len(args.cfg_tgt) == 1 else args.cfg_tgt
+    guidances = target_guidances(args, editor, len(args.target))
     edit_one(args, editor, args.image, args.source, args.target, guidances, args.skip, seeds_for(args),
              Path(args.out), Path(args.image).stem, args.grid)
 
@@ -334,7 +343,7 @@ def run_regenerate(args) -> None:
     check_new_files(names, args.overwrite)
     editor = load_editor(args, args.model or code.settings.get("model"))
     check_prompts(editor, args.target)
-    guidances = args.cfg_tgt * len(args.target) if len(args.cfg_tgt) == 1 else args.cfg_tgt
+    guidances = target_guidances(args, editor, len(args.target))
     progress = Progress(code.num_steps - args.skip, args.quiet)
     images = editor.edit(code, args.target, guidance=guidances, skip=args.skip, progress=progress)
     progress.close()
@@ -434,7 +443,8 @@ def run_batch(args) -> None:
         check_prompts(editor, [e.get("source", ""), *e["targets"]])
     seed = seeds_for(args)[0]
     for stem, e in zip(stems, entries):
-        edit_one(args, editor, e["image"], e.get("source", ""), e["targets"], [args.cfg_tgt] * len(e["targets"]),
+        edit_one(args, editor, e["image"], e.get("source", ""), e["targets"],
+                 [editor.target_guidance if args.cfg_tgt is None else args.cfg_tgt] * len(e["targets"]),
                  args.skip, [seed], out, stem, make_grid=False)
 
 

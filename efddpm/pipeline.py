@@ -12,6 +12,7 @@ inversion, as in the authors' code (pitfall 5); otherwise eps = f("") + w (f(pro
 """
 import contextlib
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,6 +25,9 @@ from .images import load_image, to_pil
 from .inversion import LatentCode, edit_friendly_inversion, regenerate
 from .manipulations import colour_edit, colour_target, latent_mask, shift_code
 from .scheduler import SD1, check_alphas_cumprod
+from .shapes import DEFAULT_MODEL, DEFAULT_TARGET_GUIDANCE
+
+PAPER_TARGET_GUIDANCE = 15.0   # the paper's target guidance for SD1.x
 
 Progress = Callable[[int], None]  # called with the number of network calls just made
 
@@ -83,6 +87,14 @@ class Editor:
     @property
     def device(self) -> torch.device:
         return next(self.models.unet.parameters()).device
+
+    @property
+    def target_guidance(self) -> float:
+        """The default target guidance: the paper's 15, or 7.5 for the embedded shapes model (at 15 its edits
+        over-saturate: benchmarks/edit_benchmark.py)."""
+        path = Path(self.models.source)
+        embedded = path.is_file() and path.resolve() == DEFAULT_MODEL.resolve()
+        return DEFAULT_TARGET_GUIDANCE if embedded else PAPER_TARGET_GUIDANCE
 
     # ------------------------------------------------------------------ the networks, as the method needs them
 
@@ -164,10 +176,12 @@ class Editor:
         return regenerate(f, code.to(self.device), self.encode_prompts(prompts), self.encode_prompts(""), weights,
                           skip=skip, eta=eta, **options)  # [K, 4, h, w]
 
-    def edit(self, code: LatentCode, target_prompts: str | list[str], *, guidance: float | list[float] = 15.0,
+    def edit(self, code: LatentCode, target_prompts: str | list[str], *, guidance: float | list[float] | None = None,
              skip: int = 36, eta: float | None = None, output: str = "pil",
              progress: Progress | None = None) -> list[Image.Image] | torch.Tensor:
-        """Edited images, one per target prompt: PIL images, or a tensor [K, 3, H, W] in [-1, 1] (output="tensor")."""
+        """Edited images, one per target prompt: PIL images, or a tensor [K, 3, H, W] in [-1, 1] (output="tensor").
+        guidance: one weight, or one per prompt; None: self.target_guidance."""
+        guidance = self.target_guidance if guidance is None else guidance
         if output not in ("pil", "tensor"):
             raise ValueError(f"output must be 'pil' or 'tensor', not {output!r}")
         latents = self.regenerate(code, target_prompts, guidance=guidance, skip=skip, eta=eta, progress=progress)

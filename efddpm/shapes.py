@@ -181,6 +181,18 @@ def edit_targets(p: Picture, seed: int = 0) -> tuple[Picture, Picture]:
         Picture(shape, p.colour, p.background, p.size, p.cx, p.cy)
 
 
+def recolour_within_contrast(p: Picture, target: Picture) -> bool:
+    """Whether a colour edit can keep the shape where it is: the colour change (RGB distance from p's colour to
+    the target's) is smaller than the shape's contrast with its background.
+
+    Flat pictures make this exact: among the pictures with the target's caption, the one nearest to p in pixels
+    is the recoloured shape in place when this holds; when it does not, recolouring all of the shape costs more
+    than turning most of it into background, and the nearest is a much smaller shape (inside p's, or elsewhere).
+    A sampler that follows its target caption is then pulled towards a smaller or moved shape."""
+    colour, new, background = (np.asarray(NAMED[c], np.float64) for c in (p.colour, target.colour, p.background))
+    return bool(np.linalg.norm(new - colour) < np.linalg.norm(colour - background))
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixel rules
 # ---------------------------------------------------------------------------------------------

@@ -208,6 +208,22 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, picture, mod
     assert (tmp_path / "out" / "red_1.png").read_bytes() == b"keep me"
 
 
+def test_missing_embedded_model_without_model_flag(tmp_path, picture, capsys, monkeypatch):
+    """An install without weights/ (not an editable one): a one-line error, never random weights."""
+    monkeypatch.setattr("efddpm.cli.DEFAULT_MODEL", tmp_path / "weights" / "efddpm-shapes.safetensors")
+    assert main(["edit", str(picture), "--target", "x", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no --model given and the embedded model" in err[0] and "pip install -e ." in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_target_guidance_is_the_papers_for_other_models(tmp_path, model, picture):
+    r = efddpm("edit", picture, "--source", "a red square", "--target", "a blue square", "--seed", "1", "--model",
+               model, "--out", tmp_path, *FAST)
+    assert r.returncode == 0, r.stderr
+    assert metadata(tmp_path / "red_1.png")["cfg_tgt"] == 15.0
+
+
 def test_model_not_cached_while_offline_as_a_real_process(tmp_path, picture):
     r = efddpm("edit", picture, "--target", "x", "--model", "stable-diffusion-v1-5/stable-diffusion-v1-5",
                "--out", tmp_path / "out", env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")})

@@ -64,3 +64,38 @@ def test_measurements():
     assert colour_edit.colour not in ("red", "white") and colour_edit.shape == "circle"
     assert shape_edit.shape != "circle" and shape_edit.colour == "red"
     assert (colour_edit.size, colour_edit.cx, colour_edit.cy) == (shape_edit.size, shape_edit.cx, shape_edit.cy) == (30, 32, 32)
+
+
+def _nearest_with_caption(p: shapes.Picture, target: shapes.Picture, reach: int = 10) -> shapes.Picture:
+    """Brute force: of the pictures with target's caption (every size, centres within `reach` px of p's),
+    the one nearest to p in pixels (L2)."""
+    src = shapes.render(p).astype(np.float64)
+    best = None
+    for side in range(shapes.SIZES[0], shapes.SIZES[1] + 1):
+        lo = shapes.MARGIN + -(-side // 2)
+        hi = shapes.DEFAULT_SIZE - lo
+        for cx in range(max(lo, p.cx - reach), min(hi, p.cx + reach) + 1):
+            for cy in range(max(lo, p.cy - reach), min(hi, p.cy + reach) + 1):
+                q = shapes.Picture(target.shape, target.colour, target.background, side, cx, cy)
+                d = ((shapes.render(q) - src) ** 2).sum()
+                if best is None or d < best[0]:
+                    best = (d, q)
+    return best[1]
+
+
+def test_recolour_within_contrast_says_where_the_nearest_target_picture_is():
+    """The rule against a brute-force search: within contrast, the nearest picture with the target caption is
+    the shape in place (size within 2 px: anti-aliasing); beyond it, a smaller shape (the smallest, or at least
+    3 px smaller) or one elsewhere. 10 held-out colour edits, 4 within contrast (measured)."""
+    pics = shapes.heldout_pictures(10)
+    within = 0
+    for p in pics:
+        target = shapes.edit_targets(p)[0]
+        q = _nearest_with_caption(p, target)
+        if shapes.recolour_within_contrast(p, target):
+            within += 1
+            assert (q.cx, q.cy) == (p.cx, p.cy) and abs(q.size - p.size) <= 2, (p, q)
+        else:
+            moved = max(abs(q.cx - p.cx), abs(q.cy - p.cy)) > 2
+            assert q.size == shapes.SIZES[0] or q.size <= p.size - 3 or moved, (p, q)
+    assert 2 <= within <= 8      # both kinds are checked
