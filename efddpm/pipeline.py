@@ -113,12 +113,13 @@ class Editor:
 
     @torch.inference_mode()
     def encode_image(self, image, size: int | None = None) -> tuple[torch.Tensor, str]:
-        """Image (path, PIL, uint8 numpy, [3, H, W] tensor in [0, 1]) -> x_0 [1, 4, size/f, size/f] in float32,
-        and a line saying how the image was cropped and resized (efddpm.images)."""
+        """Image (path, PIL, uint8 numpy, [3, H, W] tensor in [0, 1]) -> x_0 [1, 4, size/f, size/f] in the method's
+        dtype (float32, float64 for a float64 editor), and a line saying how the image was cropped and resized
+        (efddpm.images)."""
         pixels, note = load_image(image, size or self.models.image_size)  # [1, 3, size, size] in [-1, 1]
         vae = self.models.vae
         x0 = vae.encode(pixels.to(self.device, self.dtype)).mode() * vae.config.scaling_factor  # pitfall 6
-        return x0.float(), note
+        return x0.to(torch.promote_types(self.dtype, torch.float32)), note   # pitfall 4: x_t never in half
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

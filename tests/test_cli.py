@@ -234,6 +234,15 @@ def test_model_not_cached_while_offline_as_a_real_process(tmp_path, picture):
     assert not (tmp_path / "out").exists()
 
 
+def test_api_in_float64_keeps_the_whole_trajectory_in_float64(model, picture):
+    """An auditing editor: x_0, x_t and the noise maps in float64, reconstruction to rounding (1e-12)."""
+    editor = Editor.from_pretrained(str(model), dtype=torch.float64)
+    code = editor.invert(picture, "a red square", steps=12, seed=0)
+    assert code.xts.dtype == code.zs.dtype == torch.float64
+    rec = editor.regenerate(code, "a red square", guidance=None, skip=0)
+    assert rec.dtype == torch.float64 and (rec - code.xts[0]).abs().max() <= 1e-12
+
+
 def test_api_accepts_pil_numpy_and_tensor_inputs(model, picture):
     editor = Editor.from_pretrained(str(model))
     pil = Image.open(picture)
