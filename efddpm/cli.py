@@ -197,8 +197,8 @@ def load_editor(args, model: str | None = None):
     from .pipeline import Editor
     source = model or args.model or str(DEFAULT_MODEL)
     if not (model or args.model) and not DEFAULT_MODEL.is_file():
-        raise UsageError(f"no --model given and the embedded model {DEFAULT_MODEL} is missing (it ships in the "
-                         "repository's weights/: install from a checkout with pip install -e ., or pass --model)")
+        raise UsageError(f"no --model given and the embedded model {DEFAULT_MODEL} is missing (a checkout has it in "
+                         "weights/, pip install . in <prefix>/share/efddpm/weights); pass --model")
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available here")

@@ -28,6 +28,7 @@ Measurements (numpy, uint8 images [H, W, 3], bool masks [H, W]):
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 DEFAULT_SIZE = 64   # the side of the pictures the default model was trained on (latents 16 x 16)
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "efddpm-shapes.safetensors"
+CHECKOUT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "efddpm-shapes.safetensors"
+INSTALLED_MODEL = Path(sys.prefix) / "share" / "efddpm" / "weights" / "efddpm-shapes.safetensors"  # pip install .
+DEFAULT_MODEL = INSTALLED_MODEL if INSTALLED_MODEL.is_file() and not CHECKOUT_MODEL.is_file() else CHECKOUT_MODEL
 DEFAULT_TARGET_GUIDANCE = 7.5   # the default model's target guidance: at SD's 15 its edits over-saturate
 
 COLOURS = {  # shape colours, RGB

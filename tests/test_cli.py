@@ -213,7 +213,7 @@ def test_missing_embedded_model_without_model_flag(tmp_path, picture, capsys, mo
     monkeypatch.setattr("efddpm.cli.DEFAULT_MODEL", tmp_path / "weights" / "efddpm-shapes.safetensors")
     assert main(["edit", str(picture), "--target", "x", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no --model given and the embedded model" in err[0] and "pip install -e ." in err[0]
+    assert len(err) == 1 and "no --model given and the embedded model" in err[0] and "pass --model" in err[0]
     assert not (tmp_path / "out").exists()
 
 

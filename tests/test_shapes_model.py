@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,24 @@ def test_cli_edits_a_picture_offline_with_the_embedded_model(tmp_path):
     mask = shapes.shape_mask(out, p.background)
     assert shapes.shape_colour(out, mask) == target.colour
     assert shapes.iou(shapes.shape_mask(shapes.render(p), p.background), mask) >= MIN_IOU_WITHIN
+
+
+def test_a_wheel_install_carries_the_embedded_model(tmp_path):
+    """`pip install .` (not editable) puts the model under <prefix>/share/efddpm/weights, and efddpm finds it
+    there: built offline into a fresh virtual environment (system site-packages for torch), byte for byte."""
+    pytest.importorskip("setuptools", reason="builds the wheel without network (no build isolation)")
+    root = MODEL.parent.parent
+    run = lambda *cmd, **kw: subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)  # noqa: E731
+    r = run(sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q", "-w",
+            str(tmp_path / "wheel"))
+    assert r.returncode == 0, r.stderr
+    assert run(sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "venv")).returncode == 0
+    python = tmp_path / "venv" / "bin" / "python"
+    wheel = next((tmp_path / "wheel").glob("efddpm-*.whl"))
+    r = run(str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel))
+    assert r.returncode == 0, r.stderr
+    r = run(str(python), "-c", "from efddpm import shapes; print(shapes.DEFAULT_MODEL)", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    installed = Path(r.stdout.strip())
+    assert installed == tmp_path / "venv" / "share" / "efddpm" / "weights" / MODEL.name
+    assert installed.read_bytes() == MODEL.read_bytes()
