@@ -26,6 +26,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -130,13 +131,18 @@ def save_single_file(path: str | os.PathLike, unet: UNet, vae: AutoencoderKL, te
         tensors |= {prefix + name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     configs = {"unet": asdict(unet.config), "vae": asdict(vae.config), "text_encoder": asdict(text_encoder.config),
                "image_size": image_size}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt",
+                                                                       METADATA_KEY: json.dumps(configs)}))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file in path's folder, then rename it to path: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace stays a rename
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", METADATA_KEY: json.dumps(configs)})
+        write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------

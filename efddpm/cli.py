@@ -13,7 +13,6 @@ text metadata (key "efddpm", JSON), so any result can be reproduced.
 """
 import argparse
 import json
-import os
 import secrets
 import sys
 import tempfile
@@ -125,9 +124,9 @@ def build_parser() -> Parser:
 
 # ---------------------------------------------------------------------------------------------- checks
 
-def check_settings(args, steps: int | None = None) -> None:
+def check_settings(args) -> None:
     """Numbers that the method cannot use, refused before any work."""
-    steps = args.steps if steps is None else steps
+    steps = args.steps
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
     if steps > 1000:
@@ -136,7 +135,8 @@ def check_settings(args, steps: int | None = None) -> None:
     if not 0 <= skip < steps:
         raise UsageError(f"--skip must be in 0..{steps - 1} (less than --steps {steps}), got {skip}")
     for name in ("cfg_src", "cfg_tgt"):
-        for w in (v if isinstance(v := getattr(args, name, None) or 0.0, list) else [v]):
+        value = getattr(args, name, None)                    # a number, a list (one per target) or None (default)
+        for w in value if isinstance(value, list) else [] if value is None else [value]:
             if w < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {w}")
     if not 0.0 <= getattr(args, "eta", 1.0) <= 1.0:
@@ -172,10 +172,8 @@ def check_new_files(paths: list[Path], overwrite: bool) -> None:
 
 
 def check_prompts(editor, prompts: list[str]) -> None:
-    limit = editor.models.tokenizer.model_max_length - 2
-    for p in prompts:
-        if (n := editor.count_tokens(p)) > limit:
-            print(f"efddpm: warning: prompt has {n} tokens, only the first {limit} are used: {p!r}", file=sys.stderr)
+    for message in editor.prompt_warnings(prompts):
+        print(f"efddpm: warning: {message}", file=sys.stderr)
 
 
 def parse_colour(text: str) -> tuple[float, float, float]:
@@ -250,8 +248,7 @@ def invert(args, editor, image, seed: int, progress: Progress):
 def edit_one(args, editor, image, source: str, targets: list[str], guidances: list[float], skip: int,
              seeds: list[int], out: Path, stem: str, make_grid: bool) -> None:
     """Invert `image` once per seed, edit with every target, write the PNGs (and the grid)."""
-    names = [out / (f"{stem}_{k + 1}.png" if len(seeds) == 1 else f"{stem}_{k + 1}_seed{s}.png")
-             for s in seeds for k in range(len(targets))]
+    names = output_names(out, stem, len(targets), seeds)
     grid_name = out / f"{stem}_grid.png"
     check_new_files(names + ([grid_name] if make_grid else []), args.overwrite)
     progress = Progress(len(seeds) * 2 * (args.steps - skip), args.quiet)  # inversion and edit: steps - skip each
@@ -283,10 +280,19 @@ def seeds_for(args) -> list[int]:
     return [first + i for i in range(getattr(args, "num_inversions", 1))]
 
 
-def target_guidances(args, editor, n: int) -> list[float]:
-    """--cfg-tgt as one weight per target; not given: the editor's default (15, or 7.5 for the embedded model)."""
-    given = [editor.target_guidance] if args.cfg_tgt is None else args.cfg_tgt
+def target_guidances(cfg_tgt: float | list[float] | None, editor, n: int) -> list[float]:
+    """--cfg-tgt (a number, one per target, or None: the editor's default, 15 or 7.5 for the embedded model)
+    as one weight per target."""
+    if cfg_tgt is None:
+        cfg_tgt = editor.target_guidance
+    given = cfg_tgt if isinstance(cfg_tgt, list) else [cfg_tgt]
     return given * n if len(given) == 1 else given
+
+
+def output_names(out: Path, stem: str, n_targets: int, seeds: list[int]) -> list[Path]:
+    """The PNG of each (seed, target): stem_k.png, or stem_k_seedS.png when there are several seeds."""
+    return [out / (f"{stem}_{k + 1}.png" if len(seeds) == 1 else f"{stem}_{k + 1}_seed{s}.png")
+            for s in seeds for k in range(n_targets)]
 
 
 def run_edit(args) -> None:
@@ -295,7 +301,7 @@ def run_edit(args) -> None:
     check_output_folder(Path(args.out))
     editor = load_editor(args)
     check_prompts(editor, [args.source, *args.target])
-    guidances = target_guidances(args, editor, len(args.target))
+    guidances = target_guidances(args.cfg_tgt, editor, len(args.target))
     edit_one(args, editor, args.image, args.source, args.target, guidances, args.skip, seeds_for(args),
              Path(args.out), Path(args.image).stem, args.grid)
 
@@ -315,12 +321,7 @@ def run_invert(args) -> None:
     progress.close()
     code.settings.update(settings(args, editor, image=str(args.image), cfg_src=args.cfg_src))
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
-        code.save(tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    code.save(output)   # atomic
     note(args, f"wrote {output}")
 
 
@@ -343,7 +344,7 @@ def run_regenerate(args) -> None:
     check_new_files(names, args.overwrite)
     editor = load_editor(args, args.model or code.settings.get("model"))
     check_prompts(editor, args.target)
-    guidances = target_guidances(args, editor, len(args.target))
+    guidances = target_guidances(args.cfg_tgt, editor, len(args.target))
     progress = Progress(code.num_steps - args.skip, args.quiet)
     images = editor.edit(code, args.target, guidance=guidances, skip=args.skip, progress=progress)
     progress.close()
@@ -436,16 +437,16 @@ def run_batch(args) -> None:
         open_image(e["image"])
     out = Path(args.out)
     check_output_folder(out)
-    check_new_files([out / f"{stem}_{k + 1}.png" for stem, e in zip(stems, entries)
-                     for k in range(len(e["targets"]))], args.overwrite)
+    seed = seeds_for(args)[0]
+    check_new_files([name for stem, e in zip(stems, entries) for name in output_names(out, stem, len(e["targets"]),
+                                                                                     [seed])], args.overwrite)
     editor = load_editor(args)
     for e in entries:
         check_prompts(editor, [e.get("source", ""), *e["targets"]])
-    seed = seeds_for(args)[0]
     for stem, e in zip(stems, entries):
         edit_one(args, editor, e["image"], e.get("source", ""), e["targets"],
-                 [editor.target_guidance if args.cfg_tgt is None else args.cfg_tgt] * len(e["targets"]),
-                 args.skip, [seed], out, stem, make_grid=False)
+                 target_guidances(args.cfg_tgt, editor, len(e["targets"])), args.skip, [seed], out, stem,
+                 make_grid=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -116,11 +117,13 @@ class LatentCode:
                           dict(self.settings))
 
     def save(self, path: str) -> None:
-        """Write a .safetensors file; the settings go in its metadata as JSON."""
+        """Write a .safetensors file, atomically; the settings go in its metadata as JSON."""
         from safetensors.torch import save_file
+        from .checkpoint import write_atomically
         tensors = {"x_T": self.x_T, "zs": self.zs, "xts": self.xts, "timesteps": self.timesteps}
-        save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(path),
-                  metadata={"efddpm.latent_code": json.dumps(self.settings)})
+        write_atomically(Path(path), lambda tmp: save_file(
+            {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(tmp),
+            metadata={"efddpm.latent_code": json.dumps(self.settings)}))
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu") -> "LatentCode":

@@ -12,8 +12,8 @@ inversion, as in the authors' code (pitfall 5); otherwise eps = f("") + w (f(pro
 """
 import contextlib
 import warnings
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -101,14 +101,18 @@ class Editor:
     def count_tokens(self, prompt: str) -> int:
         return self.models.tokenizer.count_tokens(prompt)
 
+    def prompt_warnings(self, prompts: list[str]) -> list[str]:
+        """One line for each prompt that the text encoder cuts after 75 tokens."""
+        limit = self.models.tokenizer.model_max_length - 2
+        return [f"prompt has {n} tokens, only the first {limit} are used: {p!r}"
+                for p in prompts if (n := self.count_tokens(p)) > limit]
+
     @torch.inference_mode()
     def encode_prompts(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompts -> CLIP last hidden states [B, 77, width]; warns when a prompt is cut after 75 tokens."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        limit = self.models.tokenizer.model_max_length - 2
-        for p in prompts:
-            if (n := self.count_tokens(p)) > limit:
-                warnings.warn(f"prompt has {n} tokens, only the first {limit} are used: {p!r}", stacklevel=3)
+        for message in self.prompt_warnings(prompts):
+            warnings.warn(message, stacklevel=3)
         return self.models.text_encoder(self.models.tokenizer(prompts).to(self.device))  # [B, 77, width]
 
     @torch.inference_mode()
