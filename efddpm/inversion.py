@@ -228,10 +228,11 @@ def extract_noise(f: NoisePredictor, xts: Tensor, ts: Tensor, cond=None, uncond=
     if not 0 <= skip < n_steps or chunk < 1:
         raise ValueError(f"need 0 <= skip < {n_steps} and chunk >= 1, got skip={skip}, chunk={chunk}")
     zs = torch.full_like(xts[1:], float("nan"))                             # [N, B, ...]
+    ts = ts.tolist()                                                        # read once (no device sync per step)
     steps = list(range(n_steps - skip, 0, -1))                              # t = T - skip .. 1
     for first in range(0, len(steps), chunk):
         group = steps[first:first + chunk]                                  # the paper's t, descending
-        coefs = [step_coefficients(abar, int(ts[n_steps - n]), n_steps, schedule, eta,
+        coefs = [step_coefficients(abar, ts[n_steps - n], n_steps, schedule, eta,
                                    reference_direction) for n in group]
         if min(s.sigma for s in coefs) <= 0:
             raise ValueError("sigma_t = 0: eq. 5 needs eta > 0 and var_t > 0")
@@ -355,7 +356,7 @@ def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guid
         else reference_direction
     guidance = st.get("guidance") if guidance is None else guidance
     abar = alphas_cumprod(schedule) if abar is None else abar
-    n_steps, ts = code.num_steps, code.timesteps
+    n_steps, ts = code.num_steps, code.timesteps.tolist()                  # read once (no device sync per step)
     if not 0 <= skip < n_steps:
         raise ValueError(f"skip must be in 0..{n_steps - 1}, got {skip}")
     if skip < st.get("skip", 0):
@@ -368,7 +369,7 @@ def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guid
     start = code.x_T if skip == 0 else code.xts[n_steps - skip]            # x_t at t = ts[skip]
     x = _rows(start.to(code.zs.dtype), k)                                  # [K, ...]
     for n in range(n_steps - skip, 0, -1):                                 # paper's t = n
-        s = step_coefficients(abar, int(ts[n_steps - n]), n_steps, schedule, eta, reference_direction)
+        s = step_coefficients(abar, ts[n_steps - n], n_steps, schedule, eta, reference_direction)
         eps = guided_eps(f, x, s.t, cond, uncond, guidance)                # f_t(x_t), [K, ...]
         z = _rows(code.zs[n - 1], k)                                       # z_n, [K, ...]
         if zero_last_noise and n == 1:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .inversion import (LatentCode, NoisePredictor, _draw, guided_eps, regenerate)
+from .inversion import (LatentCode, NoisePredictor, _draw, _working_dtype, guided_eps, regenerate)
 from .scheduler import (SD1, ScheduleConfig, alphas_cumprod, ddpm_step, marginal,
                         step_coefficients, timesteps)
 
@@ -114,7 +114,7 @@ def sdedit(f: NoisePredictor, x0: Tensor, start: int, cond=None, uncond=None, gu
     sample with eq. 3 and fresh z's down to x_0. x0: [B, ...] (e.g. paste(...)); returns [B, ...]."""
     abar = alphas_cumprod(schedule) if abar is None else abar
     ts = timesteps(num_steps, schedule)
-    dtype = torch.promote_types(x0.dtype, torch.float32)
+    dtype = _working_dtype(x0)
     x = marginal(x0.to(dtype), float(abar[ts[num_steps - start]]),                 # eq. 2
                  _draw(x0.shape, generator, dtype, x0.device))
     for n in range(start, 0, -1):

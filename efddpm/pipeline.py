@@ -175,10 +175,8 @@ class Editor:
         guidance None: the code's source guidance (none for a code of an empty source prompt: then f(x, t, prompt)).
         options: those of efddpm.inversion.regenerate (zero_last_noise, reference_direction, noise_edit)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        guidance = code.settings.get("guidance") if guidance is None else guidance
-        weights = None if guidance is None else torch.as_tensor(guidance, dtype=torch.float32).expand(len(prompts))
         f = self.noise_predictor(progress, graphed=True)
-        return regenerate(f, code.to(self.device), self.encode_prompts(prompts), self.encode_prompts(""), weights,
+        return regenerate(f, code.to(self.device), self.encode_prompts(prompts), self.encode_prompts(""), guidance,
                           skip=skip, eta=eta, **options)  # [K, 4, h, w]
 
     def edit(self, code: LatentCode, target_prompts: str | list[str], *, guidance: float | list[float] | None = None,
@@ -218,8 +216,6 @@ class Editor:
         target = colour_target(encode, colour, (size, size), pixels, pixel_mask)   # M, [1, 4, h, w]
         latent = latent_mask(pixel_mask, tuple(target.shape[-2:])).to(self.device)
         prompt = code.settings.get("source_prompt", "") if prompt is None else prompt
-        guidance = code.settings.get("guidance")
-        weights = None if guidance is None else torch.tensor([float(guidance)])
         latents = colour_edit(self.noise_predictor(progress, graphed=True), code.to(self.device), latent, target.to(self.device),
-                              strength, step_range, self.encode_prompts(prompt), self.encode_prompts(""), weights)
+                              strength, step_range, self.encode_prompts(prompt), self.encode_prompts(""))  # code's guidance
         return to_pil(self.decode(latents))[0]

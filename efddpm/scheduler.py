@@ -121,11 +121,6 @@ def variance(abar_t: float, abar_prev: float) -> float:
     return (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
 
 
-def sigma(abar_t: float, abar_prev: float, eta: float) -> float:
-    """sigma_t(eta) = eta * sqrt(var_t): eta=1 is DDPM, eta=0 is DDIM."""
-    return eta * math.sqrt(variance(abar_t, abar_prev))
-
-
 @dataclass(frozen=True)
 class Step:
     """The numbers of one reverse step t -> prev (eqs. 3-4)."""
@@ -149,7 +144,7 @@ def step_coefficients(abar: Tensor, t: int, num_steps: int, cfg: ScheduleConfig 
     t_prev = previous_timestep(t, num_steps, cfg)
     a_t, a_prev = abar_at(abar, t, cfg), abar_at(abar, t_prev, cfg)
     var = variance(a_t, a_prev)
-    sig = eta * math.sqrt(var)
+    sig = eta * math.sqrt(var)                                             # sigma_t: eta 1 is DDPM, 0 DDIM
     d2 = 1.0 - a_prev - (eta * var if reference_direction else sig ** 2)  # eq. 4 (D's coefficient, squared)
     if d2 < 0:
         raise ValueError(f"1 - abar_prev - sigma^2 < 0 at t={t} (eta={eta} too large)")

@@ -27,11 +27,13 @@ def setup():
 
 
 def network(unet, dtype, calls=None):
+    net = unet.to(dtype)   # in place: the module fixture's UNet is in `dtype` from here on
+
     def f(x, t, c):
         if calls is not None:
             calls.append(t.tolist())
         with torch.no_grad():
-            return unet.to(dtype)(x.to(dtype), t, c.to(dtype))
+            return net(x.to(dtype), t, c.to(dtype))
     return f
 
 
