@@ -1,10 +1,12 @@
 """Shared test helpers: small configs, random weights, the diffusers/transformers twins of our models."""
+import json
 import math
 from pathlib import Path
 
 import torch
 
 from efddpm.clip import CLIPTextConfig
+from efddpm.tokenizer import bundled_vocab_and_merges
 from efddpm.unet import UNetConfig
 from efddpm.vae import VAEConfig
 
@@ -70,3 +72,17 @@ def transformers_clip_config(c: CLIPTextConfig):
     return HFConfig(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_width,
                     num_hidden_layers=c.layers, num_attention_heads=c.heads, max_position_embeddings=c.context_length,
                     hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def write_tokenizer_folder(path: Path) -> Path:
+    """A diffusers-style tokenizer/ folder (vocab.json, merges.txt) written from the shipped merges file."""
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, merges = bundled_vocab_and_merges()
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return path

@@ -15,12 +15,11 @@ from safetensors.torch import save_file
 import efddpm.checkpoint as ckpt
 from efddpm.checkpoint import CheckpointError, load, save_single_file
 from efddpm.clip import CLIPTextConfig, CLIPTextModel
-from efddpm.tokenizer import bundled_vocab_and_merges
 from efddpm.unet import UNet, UNetConfig
 from efddpm.vae import AutoencoderKL, VAEConfig
 
 from models_util import (SMALL_UNET, SMALL_VAE, diffusers_unet_config, diffusers_vae_config, fixture_shapes,
-                         randomize_, transformers_clip_config)
+                         randomize_, rel_err, transformers_clip_config, write_tokenizer_folder)
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -35,10 +34,6 @@ SD1_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_en
                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
                  "steps_offset": 1, "skip_prk_steps": True}
 REL_TOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -124,11 +119,7 @@ def write_diffusers_folder(folder, hf_models, variant=None, dtype=torch.float32)
     for sub, model in (("unet", unet), ("vae", vae), ("text_encoder", clip)):
         model.to(dtype).save_pretrained(folder / sub, variant=variant)
         model.float()
-    vocab, merges = bundled_vocab_and_merges()
-    (folder / "tokenizer").mkdir()
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "tokenizer" / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8")
+    write_tokenizer_folder(folder / "tokenizer")
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
@@ -440,9 +431,10 @@ def test_incomplete_ema_copy_is_refused(tmp_path, loaded):
 def test_metadata_config_that_contradicts_the_shapes_is_refused(tmp_path, loaded):
     path = tmp_path / "tiny.safetensors"
     save_single_file(path, loaded.unet, loaded.vae, loaded.text_encoder)
-    configs = json.loads(ckpt.read_tensors(path)[1]["efddpm"])
+    tensors, metadata = ckpt.read_tensors(path)
+    configs = json.loads(metadata["efddpm"])
     configs["unet"]["context_dim"] = 64
-    save_file(ckpt.read_tensors(path)[0], path, metadata={"efddpm": json.dumps(configs)})
+    save_file(tensors, path, metadata={"efddpm": json.dumps(configs)})
     with pytest.raises(CheckpointError, match=r"UNet does not match its config: .*mis-shaped"):
         load(path)
 

@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from efddpm import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, UNetConfig, VAEConfig, save_single_file
+from efddpm import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, VAEConfig, save_single_file
 from efddpm.cli import main
 from efddpm.images import load_image, to_pil
 from efddpm.pipeline import Editor
 
+from inversion_util import SMALL
 from models_util import randomize_
 
 FAST = ["--steps", "12", "--skip", "4", "--quiet"]  # few steps: these tests check the plumbing, not the method
@@ -30,8 +31,7 @@ FAST = ["--steps", "12", "--skip", "4", "--quiet"]  # few steps: these tests che
 def model(tmp_path_factory) -> Path:
     """A small SD1.x-layout model (random weights) for 32x32 pictures, as one official-layout file."""
     path = tmp_path_factory.mktemp("model") / "tiny-sd.safetensors"
-    unet = UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                           num_heads=2, context_dim=32, norm_groups=8))
+    unet = UNet(SMALL)
     vae = AutoencoderKL(VAEConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
     text = CLIPTextModel(CLIPTextConfig(width=32, layers=1, heads=2, mlp_width=64))
     save_single_file(path, *(randomize_(m, seed) for seed, m in enumerate((unet, vae, text))), image_size=32)

@@ -12,13 +12,9 @@ from efddpm.unet import UNet, UNetConfig
 from efddpm.vae import AutoencoderKL, VAEConfig
 
 from models_util import (SMALL_CLIP, SMALL_UNET, SMALL_VAE, diffusers_unet_config, diffusers_vae_config,
-                         fixture_shapes, randomize_, transformers_clip_config)
+                         fixture_shapes, randomize_, rel_err, transformers_clip_config)
 
 REL_TOL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def shapes_of(module: torch.nn.Module) -> dict[str, list[int]]:

@@ -36,25 +36,17 @@ def code_of(path: Path) -> list[str]:
 
 def private_uses(source: str) -> list[str]:
     """Private names of efddpm that `source` imports or touches: `from efddpm.x import _y`, `import efddpm._x`,
-    `alias._y` for a module alias of efddpm, and any `name._private` attribute access at all."""
+    and any `name._private` attribute access at all."""
     found = []
     tree = ast.parse(source)
-    aliases = {"efddpm"}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "efddpm":
             if any(part.startswith("_") for part in node.module.split(".")):
                 found.append(f"from {node.module} import ...")
-            for a in node.names:
-                if a.name.startswith("_"):
-                    found.append(f"from {node.module} import {a.name}")
-                else:
-                    aliases.add(a.asname or a.name)
+            found += [f"from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
         elif isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.split(".")[0] == "efddpm":
-                    if any(part.startswith("_") for part in a.name.split(".")):
-                        found.append(f"import {a.name}")
-                    aliases.add(a.asname or a.name.split(".")[0])
+            found += [f"import {a.name}" for a in node.names
+                      if a.name.split(".")[0] == "efddpm" and any(p.startswith("_") for p in a.name.split("."))]
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             found.append(f"{ast.unparse(node)} (a private attribute)")

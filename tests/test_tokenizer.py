@@ -1,5 +1,4 @@
 """CLIP tokenizer: the vocabulary derived from the shipped merges, the 77-id framing, and ids equal to transformers'."""
-import json
 import random
 
 import pytest
@@ -7,6 +6,8 @@ import torch
 import transformers
 
 from efddpm.tokenizer import BOS, EOS, CLIPTokenizer, bundled_vocab_and_merges
+
+from models_util import write_tokenizer_folder
 
 HARD_PROMPTS = [
     "",
@@ -44,11 +45,7 @@ def clip_byte_chars() -> list[str]:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A diffusers-style tokenizer/ folder written from the shipped merges file."""
-    path = tmp_path_factory.mktemp("tokenizer")
-    vocab, merges = bundled_vocab_and_merges()
-    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    return path
+    return write_tokenizer_folder(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
