@@ -66,9 +66,14 @@ class Setting:
     guidance: float
 
     @property
+    def strength(self) -> float:
+        """SDEdit's strength: the fraction of the steps it runs."""
+        return 1 - self.skip / NUM_STEPS
+
+    @property
     def label(self) -> str:
         if self.method == "SDEdit":
-            return f"strength {1 - self.skip / NUM_STEPS:.1f}, w {self.guidance:g}"
+            return f"strength {self.strength:.1f}, w {self.guidance:g}"
         return f"skip {self.skip}, w {self.guidance:g}"
 
 
@@ -188,9 +193,9 @@ def plot(summary: dict[Setting, dict]) -> Image.Image:
     Rows: the guidance sweep at skip 36 (SDEdit: strengths at w 7.5), the T_skip sweep at w 15 (SDEdit:
     strengths at w 15). One line per method, each point labelled with its setting."""
     rows = (("target guidance (skip 36)", lambda s: s.skip == 36 if s.method != "SDEdit" else s.guidance == 7.5,
-             lambda s: f"w{s.guidance:g}" if s.method != "SDEdit" else f"s{1 - s.skip / NUM_STEPS:.1f}"),
+             lambda s: f"w{s.guidance:g}" if s.method != "SDEdit" else f"s{s.strength:.1f}"),
             ("T_skip (w 15)", lambda s: s.guidance == 15.0,
-             lambda s: f"{s.skip}" if s.method != "SDEdit" else f"s{1 - s.skip / NUM_STEPS:.1f}"))
+             lambda s: f"{s.skip}" if s.method != "SDEdit" else f"s{s.strength:.1f}"))
     cols = (("colour", "colour_mask_iou", "mask IoU with the input"),
             ("shape", "shape_box_iou", "bounding-box IoU with the input"))
     charts = []
@@ -218,7 +223,7 @@ def examples(pics, src_imgs, outputs, chosen: list[Setting], k: int = 4, scale: 
     img = Image.new("RGB", (cols * size, 14 + 2 * k * size), (255, 255, 255))
     d = ImageDraw.Draw(img)
     short = {"edit-friendly": "EF", "native": "native", "DDIM": "DDIM", "SDEdit": "SDEdit"}
-    heads = [f"{short[s.method]} " + (f"s{1 - s.skip / NUM_STEPS:.1f}" if s.method == "SDEdit" else f"k{s.skip}")
+    heads = [f"{short[s.method]} " + (f"s{s.strength:.1f}" if s.method == "SDEdit" else f"k{s.skip}")
              + f" w{s.guidance:g}" for s in chosen]
     for j, s in enumerate(["input"] + heads):
         d.text((j * size + 2, 1), s, fill=(0, 0, 0), font=font)
@@ -243,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model = Model(args.model)
     pics = shapes.heldout_pictures(args.pictures, args.seed)
-    edits = {"colour": [shapes.edit_targets(p, args.seed)[0] for p in pics],
-             "shape": [shapes.edit_targets(p, args.seed)[1] for p in pics]}
+    colour_edits, shape_edits = zip(*(shapes.edit_targets(p, args.seed) for p in pics))
+    edits = {"colour": list(colour_edits), "shape": list(shape_edits)}
     src_imgs = shapes.render_many(pics)
     x0 = model.encode(src_imgs)
     targets = {kind: model.text([t.caption for t in ts]) for kind, ts in edits.items()}

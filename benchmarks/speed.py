@@ -124,8 +124,13 @@ def diffusers_setup():
 
 # ------------------------------------------------------------------------------------------ runs
 
+def pixels(image: Image.Image) -> torch.Tensor:
+    """The input of the diffusers edit: [1, 3, H, W] float16 in [-1, 1] on the GPU."""
+    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].to(DEV, torch.float16) / 127.5 - 1
+
+
 def eager_rows(res: dict, image: Image.Image) -> None:
-    image_tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].to(DEV, torch.float16) / 127.5 - 1
+    image_tensor = pixels(image)
     d_unet, d_edit = diffusers_setup()
     d_edit(d_unet, image_tensor)
     res["diffusers_fp16_eager_s"] = timed(lambda: d_edit(d_unet, image_tensor))
@@ -197,7 +202,7 @@ def eager_rows(res: dict, image: Image.Image) -> None:
 
 
 def compiled_rows(res: dict, image: Image.Image) -> None:
-    image_tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].to(DEV, torch.float16) / 127.5 - 1
+    image_tensor = pixels(image)
     d_unet, d_edit = diffusers_setup()
     d_unet.to(memory_format=torch.channels_last)
     compiled = torch.compile(d_unet, fullgraph=True)

@@ -35,7 +35,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     img = Image.new("RGB", size, (255, 255, 255))
     d = ImageDraw.Draw(img)
     ty = (lambda y: math.log10(y)) if log_y else (lambda y: y)
-    pts = [(x, ty(y)) for s in series.values() for x, y in s if (y > 0 or not log_y) and math.isfinite(y)]
+    plotted = {name: [(x, ty(y)) for x, y in s if (y > 0 or not log_y) and math.isfinite(y)]
+               for name, s in series.items()}                               # drawable points, y on the axis' scale
+    pts = [p for s in plotted.values() for p in s]
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
@@ -62,9 +64,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     d.text((left, 6), title, fill=(0, 0, 0), font=font)
     d.text(((left + w - right) / 2 - 3 * len(xlabel), h - 18), xlabel, fill=(0, 0, 0), font=font)
     d.text((4, top - 16), ylabel, fill=(0, 0, 0), font=font)
-    for i, (name, s) in enumerate(series.items()):
+    for i, (name, s) in enumerate(plotted.items()):
         colour = PALETTE[i % len(PALETTE)]
-        line = [px(x, ty(y)) for x, y in s if (y > 0 or not log_y) and math.isfinite(y)]
+        line = [px(x, y) for x, y in s]
         if len(line) > 1:
             d.line(line, fill=colour, width=2)
         if markers:

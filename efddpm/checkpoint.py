@@ -219,7 +219,7 @@ def read_tensors(path: Path) -> tuple[dict, dict]:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: unreadable .safetensors file (truncated or corrupted?): {e}") from None
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+    if path.suffix in TORCH_SUFFIXES:
         return _read_torch_file(path), {}
     raise CheckpointError(f"{path}: unknown file type {path.suffix!r} (expected .safetensors or .ckpt)")
 
@@ -267,6 +267,7 @@ EMA_PREFIX = "model_ema.diffusion_model"  # followed by the UNet name with every
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 TEXT_PREFIX_SHORT = "cond_stage_model.transformer."  # some community files
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # pickled torch files (read with weights_only)
 METADATA_KEY = "efddpm"  # safetensors metadata: JSON {"unet": ..., "vae": ..., "text_encoder": ...} configs
 
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -485,12 +486,19 @@ def _diffusers_folder(folder: Path, name: str, prefer_fp16: bool, unet_weights: 
                     * 2 ** (len(vae_config.channel_mult) - 1)))
 
 
-def _component_tensors(folder: Path, component: str, name: str, prefer_fp16: bool, raw_unet: bool) -> dict:
+def _first_weights_file(component: str, exists: Callable[[str], bool], name: str, prefer_fp16: bool,
+                        raw_unet: bool) -> str:
+    """"component/file" of the first candidate weights file that exists (a folder's or a hub repo's)."""
     names = weight_file_candidates(component, prefer_fp16, raw_unet)
-    file = next((folder / component / n for n in names if (folder / component / n).is_file()), None)
-    if file is None:
+    found = next((f"{component}/{n}" for n in names if exists(f"{component}/{n}")), None)
+    if found is None:
         raise CheckpointError(f"{name}: no weights in {component}/ (looked for {', '.join(names)})")
-    return read_tensors(file)[0]
+    return found
+
+
+def _component_tensors(folder: Path, component: str, name: str, prefer_fp16: bool, raw_unet: bool) -> dict:
+    file = _first_weights_file(component, lambda rel: (folder / rel).is_file(), name, prefer_fp16, raw_unet)
+    return read_tensors(folder / file)[0]
 
 
 def _scheduler_config(path: Path, name: str) -> dict | None:
@@ -728,7 +736,7 @@ HUB_CONFIG_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "
 
 def _is_repo_id(s: str) -> bool:
     """"org/name", not a path to a missing file ("./x", "dir/model.ckpt")."""
-    looks_like_file = s.startswith(".") or s.endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin"))
+    looks_like_file = s.startswith(".") or s.endswith((".safetensors", *TORCH_SUFFIXES))
     return re.fullmatch(r"[\w.-]+/[\w.-]+", s) is not None and not looks_like_file
 
 
@@ -763,11 +771,5 @@ def _pick_hub_weights(remote: set[str], repo_id: str, prefer_fp16: bool, unet_we
         raise CheckpointError(f"{repo_id} has no diffusers layout (unet/config.json)"
                               + (f"; download one of its single files ({_examples(singles)}) and load that path"
                                  if singles else ""))
-    picked = []
-    for component in ("unet", "vae", "text_encoder"):
-        names = weight_file_candidates(component, prefer_fp16, unet_weights == "raw")
-        found = next((f"{component}/{n}" for n in names if f"{component}/{n}" in remote), None)
-        if found is None:
-            raise CheckpointError(f"{repo_id}: no weights in {component}/ (looked for {', '.join(names)})")
-        picked.append(found)
-    return picked
+    return [_first_weights_file(component, remote.__contains__, repo_id, prefer_fp16, unet_weights == "raw")
+            for component in ("unet", "vae", "text_encoder")]

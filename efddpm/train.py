@@ -47,6 +47,7 @@ from . import shapes
 from .charts import line_chart
 from .checkpoint import load, save_single_file
 from .clip import CLIPTextConfig, CLIPTextModel
+from .images import grid
 from .inversion import guided_eps
 from .scheduler import SD1, alphas_cumprod, ddpm_step, step_coefficients, timesteps
 from .tokenizer import CLIPTokenizer
@@ -241,12 +242,11 @@ def sample(unet: UNet, vae: AutoencoderKL, text: CLIPTextModel, tokenizer: CLIPT
     device = next(unet.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     cond, uncond = text(tokenizer(prompts).to(device)), text(tokenizer([""]).to(device))
-    f = lambda x, t, c: unet(x, t, c)                                                # noqa: E731
     abar, size = alphas_cumprod(SD1).to(device), shapes.DEFAULT_SIZE // 2 ** (len(vae.config.channel_mult) - 1)
     x = torch.randn(len(prompts), 4, size, size, generator=gen, device=device)     # x_T
     for t in timesteps(num_steps, SD1).tolist():
         s = step_coefficients(abar, t, num_steps, SD1)
-        x = ddpm_step(x, guided_eps(f, x, t, cond, uncond, guidance), s,
+        x = ddpm_step(x, guided_eps(unet, x, t, cond, uncond, guidance), s,
                       torch.randn(x.shape, generator=gen, device=device))          # eq. 3
     return vae.decode(x / vae.config.scaling_factor).clamp(-1, 1)
 
@@ -263,12 +263,8 @@ def picture_grid(images: torch.Tensor, columns: int, scale: int = 2) -> Image.Im
 
 
 def curves_png(curves: dict[str, list], path: Path) -> None:
-    charts = [line_chart({name: c}, f"{name} training loss", "step", "loss", log_y=True)
-              for name, c in curves.items() if c]
-    out = Image.new("RGB", (sum(c.width for c in charts), charts[0].height), (255, 255, 255))
-    for i, c in enumerate(charts):
-        out.paste(c, (sum(x.width for x in charts[:i]), 0))
-    out.save(path)
+    grid([line_chart({name: c}, f"{name} training loss", "step", "loss", log_y=True)
+          for name, c in curves.items() if c]).save(path)
 
 
 # ---------------------------------------------------------------------------------------------
