@@ -78,6 +78,7 @@ def plot_toy(result: ToyResult, path: str, point: int = 0, size: int = 360) -> N
     img = Image.new("RGB", (2 * size, 2 * (size + title_h)), "white")
     draw = ImageDraw.Draw(img)
     codes = (("native", result.native), ("edit-friendly", result.edit_friendly))
+    stats = (result.stats["native"], result.stats["edit_friendly"])                  # in the order of codes
 
     def colour(i, n):
         u = i / max(n - 1, 1)
@@ -124,8 +125,7 @@ def plot_toy(result: ToyResult, path: str, point: int = 0, size: int = 360) -> N
     traj_lim = ((float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1])))
     r = max(1.5, float(torch.cat(noises).abs().max()) * 1.05)
     noise_lim = ((-r, r), (-r, r))
-    for col, ((name, code), tr, nz) in enumerate(zip(codes, trajs, noises)):
-        st = noise_statistics(code)
+    for col, ((name, code), tr, nz, st) in enumerate(zip(codes, trajs, noises, stats)):
         panel(col, 0, f"{name}: x_T -> x_0", tr.tolist(), traj_lim, False)
         panel(col, 1, f"{name}: z_t (var {st['mean_variance']:.3g}, "
                       f"corr {st['mean_correlation']:+.2f})", nz.tolist(), noise_lim, True)
