@@ -1,7 +1,7 @@
 """The reference edit on one GPU: efddpm against a diffusers implementation of the same loop, in ONE process.
 
-The job (../shared/anchors): one 512x512 image, SD1.x-sized networks with random weights (time does not depend
-on weight values), 100 DDPM steps, eta 1, guidance 3.5 / 15, skip 36; VAE encode + inversion + regeneration +
+The job (the paper's reference edit): one 512x512 image, SD1.x-sized networks with random weights (time does not
+depend on weight values), 100 DDPM steps, eta 1, guidance 3.5 / 15, skip 36; VAE encode + inversion + regeneration +
 VAE decode. Prints seconds per warm edit, ratios against the diffusers rows measured in the same run, peak GPU
 memory, compile warm-up, efddpm's fp16-vs-fp32 deviation and its fp32 reconstruction error, and the cold start
 of the `efddpm edit` command (process start to PNG, weights on disk).

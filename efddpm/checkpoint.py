@@ -27,7 +27,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import huggingface_hub
@@ -37,7 +37,9 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import write_atomically
 from .clip import CLIPTextConfig, CLIPTextModel
+from .defaults import MODEL_DEFAULT_KEYS
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -60,6 +62,7 @@ class StableDiffusionModels:
     scheduler_config: dict | None        # scheduler/scheduler_config.json of a diffusers folder, else None
     source: str
     image_size: int = SD1_IMAGE_SIZE     # the side of the pictures the model was trained on
+    defaults: dict = field(default_factory=dict)  # settings the model recommends over the paper's (efddpm.defaults)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class _Weights:
     alphas_cumprod: torch.Tensor | None = None
     scheduler_config: dict | None = None
     image_size: int = SD1_IMAGE_SIZE
+    defaults: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,34 +119,38 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype
         vae=_build(AutoencoderKL, *weights.vae, device, dtype, f"{name}: VAE"),
         text_encoder=_build(CLIPTextModel, *weights.text_encoder, device, dtype, f"{name}: text encoder"),
         tokenizer=weights.tokenizer, alphas_cumprod=weights.alphas_cumprod,
-        scheduler_config=weights.scheduler_config, source=str(source), image_size=weights.image_size)
+        scheduler_config=weights.scheduler_config, source=str(source), image_size=weights.image_size,
+        defaults=weights.defaults)
 
 
 def save_single_file(path: str | os.PathLike, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                     image_size: int = SD1_IMAGE_SIZE) -> None:
-    """Write the three models in the original single-file layout as .safetensors, their configs and the
-    training image size as JSON in the metadata (so that load() rebuilds them exactly). The file is
-    replaced atomically."""
+                     image_size: int = SD1_IMAGE_SIZE, defaults: dict | None = None) -> None:
+    """Write the three models in the original single-file layout as .safetensors, their configs, the training
+    image size and the model's recommended settings (`defaults`, keys of efddpm.defaults.MODEL_DEFAULT_KEYS) as
+    JSON in the metadata, so that load() rebuilds them exactly. The file is replaced atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: save_single_file writes .safetensors files only")
+    defaults = _model_defaults(defaults or {}, str(path))
     tensors = {}
     for prefix, model in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (TEXT_PREFIX, text_encoder)):
         tensors |= {prefix + name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     configs = {"unet": asdict(unet.config), "vae": asdict(vae.config), "text_encoder": asdict(text_encoder.config),
-               "image_size": image_size}
+               "image_size": image_size, "defaults": defaults}
     write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt",
                                                                        METADATA_KEY: json.dumps(configs)}))
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) to a temporary file in path's folder, then rename it to path: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace stays a rename
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _model_defaults(values, what: str) -> dict:
+    """A model's recommended settings: known keys, finite non-negative numbers."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{what}: defaults must be a dict, got {type(values).__name__}")
+    for key, value in values.items():
+        if key not in MODEL_DEFAULT_KEYS:
+            raise CheckpointError(f"{what}: unknown model default {key!r} (known: {', '.join(MODEL_DEFAULT_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise CheckpointError(f"{what}: model default {key} must be a finite number >= 0, got {value!r}")
+    return dict(values)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,7 +333,7 @@ def _single_file(path: Path, unet_weights: str) -> _Weights:
         text_encoder=(configs.get("text_encoder") or infer_clip_config(text, path.name), text),
         tokenizer=_tokenizer(CLIPTokenizer.bundled, path.name),
         alphas_cumprod=None if alphas_cumprod is None else alphas_cumprod.clone(),
-        image_size=configs.get("image_size", SD1_IMAGE_SIZE))
+        image_size=configs.get("image_size", SD1_IMAGE_SIZE), defaults=configs.get("defaults", {}))
 
 
 def _refuse_other_family(tensors: dict, name: str) -> None:
@@ -368,7 +376,8 @@ def _metadata_configs(metadata: dict, what: str) -> dict:
         raw = json.loads(metadata[METADATA_KEY])
         return {"unet": _config(UNetConfig, raw["unet"], what), "vae": _config(VAEConfig, raw["vae"], what),
                 "text_encoder": _config(CLIPTextConfig, raw["text_encoder"], what),
-                "image_size": int(raw.get("image_size", SD1_IMAGE_SIZE))}
+                "image_size": int(raw.get("image_size", SD1_IMAGE_SIZE)),
+                "defaults": _model_defaults(raw.get("defaults", {}), what)}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{what}: unreadable efddpm config in the file's metadata ({e!r})") from None
 
@@ -730,8 +739,11 @@ def clip_config_from_transformers(cfg: dict, name: str = "text_encoder") -> CLIP
 # Hugging Face hub
 # ---------------------------------------------------------------------------------------------------
 
+# tokenizer/: tokenizer.json (diffusers folders saved with transformers >= 5) or vocab.json + merges.txt (older
+# ones, the hub's SD1.5): whichever the repo has is fetched, CLIPTokenizer.from_folder picks
 HUB_CONFIG_FILES = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                    "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"]
+                    "tokenizer/tokenizer.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                    "scheduler/scheduler_config.json"]
 
 
 def _is_repo_id(s: str) -> bool:

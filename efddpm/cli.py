@@ -7,11 +7,13 @@
     efddpm recolor cat.png --source "a photo of a cat" --mask collar.png --color "#ff0000"
     efddpm batch edits.json
 
-Every bad input ends the command with one line on stderr and exit code 2, before anything is written.
-Outputs are written atomically (a temporary file, then a rename); PNGs carry every setting in their
-text metadata (key "efddpm", JSON), so any result can be reproduced.
+Every command runs the same sequence: check the numbers, read and check the inputs, check the outputs' names,
+load the model, check what needs the model (picture size, shift range), work, then write every output all or
+nothing (efddpm.atomic). A bad input ends the command with one line on stderr and exit code 2, and nothing is
+written. PNGs carry every setting in their text metadata (key "efddpm", JSON), so any result can be reproduced.
 """
 import argparse
+import contextlib
 import json
 import secrets
 import sys
@@ -22,17 +24,21 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, checks
+from .atomic import OutputError, Outputs
 from .checkpoint import CheckpointError
-from .images import ImageError, grid, load_image, open_image, save_png, to_pil
+from .checks import InputError
+from .defaults import ETA, SOURCE_GUIDANCE, STEPS, default_colour_range, default_skip
+from .images import LargeImageWarning, grid, load_image, load_mask, open_image, png_writer, to_pil
 from .inversion import LatentCode
 from .shapes import DEFAULT_MODEL
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class UsageError(ValueError):
-    """A bad argument or input: printed as one line, exit code 2."""
+class UsageError(InputError):
+    """A bad argument: printed as one line, exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -51,40 +57,44 @@ def build_parser() -> Parser:
     def model_flags(p):
         p.add_argument("--model", help=f"hub id, diffusers folder or single file (default: the embedded "
                                        f"shapes model, {DEFAULT_MODEL.name}; real photos need SD1.5)")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
         p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on CUDA, float32 on CPU")
         p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
 
-    def inversion_flags(p, with_source=True):
+    def inversion_flags(p, with_source=True, with_noise=False):
         if with_source:
             p.add_argument("--source", default="", help='source prompt ("" = no guidance term during inversion)')
-        p.add_argument("--steps", type=int, default=100)
-        p.add_argument("--cfg-src", type=float, default=3.5, help="source guidance")
-        p.add_argument("--eta", type=float, default=1.0)
+        p.add_argument("--steps", type=int, default=STEPS, help="sampling steps N (default: %(default)s)")
+        p.add_argument("--cfg-src", type=float, default=SOURCE_GUIDANCE, help="source guidance (default: %(default)s)")
+        p.add_argument("--eta", type=float, default=ETA, help="DDPM eta, in (0, 1] (default: %(default)s)")
         p.add_argument("--seed", type=int, help="default: drawn at random and recorded in the outputs")
-        p.add_argument("--size", type=int, help="image side in pixels (default: the model's, 512 for SD1.x)")
+        p.add_argument("--size", type=int, help="picture side in pixels (default: the model's, 512 for SD1.x)")
+        if with_noise:
+            p.add_argument("--noise", help="the inversion's eps~ draws instead of a seed: a .safetensors file with one "
+                                           "tensor [steps, 1, 4, h, w]")
 
     def edit_flags(p):
         p.add_argument("--target", action="append", required=True, help="target prompt (repeatable)")
         p.add_argument("--cfg-tgt", type=float, nargs="+",
-                       help="target guidance: one value, or one per target (default: 15, the paper's; 7.5 for the "
-                            "embedded shapes model)")
-        p.add_argument("--skip", type=int, default=36, help="T_skip: steps left out at the start")
+                       help="target guidance: one value, or one per target (default: the model's, else the paper's 15; "
+                            "the embedded shapes model's is 7.5)")
+        p.add_argument("--skip", type=int, help="T_skip: steps left out at the start (default: 36 of 100, scaled to "
+                                                "--steps)")
 
     def output_flags(p, what):
-        p.add_argument("--out", default=".", help=f"folder for the {what} (created if missing)")
+        p.add_argument("--out", default=".", help=f"folder for the {what}, created if missing (default: %(default)s)")
         p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     p = commands.add_parser("edit", help="invert an image and edit it with target prompts")
     p.add_argument("image")
-    inversion_flags(p), edit_flags(p), model_flags(p), output_flags(p, "edited PNGs")
+    inversion_flags(p, with_noise=True), edit_flags(p), model_flags(p), output_flags(p, "edited PNGs")
     p.add_argument("--num-inversions", type=int, default=1, help="several inversions (seeds) for diverse edits")
     p.add_argument("--grid", action="store_true", help="also write a side-by-side grid (input | edits)")
     p.set_defaults(run=run_edit)
 
     p = commands.add_parser("invert", help="invert an image; write its latent code (.safetensors)")
     p.add_argument("image")
-    inversion_flags(p), model_flags(p)
+    inversion_flags(p, with_noise=True), model_flags(p)
     p.add_argument("-o", "--output", required=True, help="the latent code file, .safetensors")
     p.add_argument("--overwrite", action="store_true", help="replace an existing code file")
     p.set_defaults(run=run_invert)
@@ -104,20 +114,21 @@ def build_parser() -> Parser:
     p = commands.add_parser("recolor", help="colour manipulation of a masked region (paper Sec. 5)")
     p.add_argument("image")
     inversion_flags(p), model_flags(p), output_flags(p, "recoloured PNG")
-    p.add_argument("--mask", required=True, help="image of the same size as IMAGE; white = region to recolour")
+    p.add_argument("--mask", required=True, help="image of the same size as IMAGE; white = region to recolour "
+                                                 "(transparent = outside it)")
     p.add_argument("--color", required=True, help='"#rrggbb" or "r,g,b" (0-255)')
-    p.add_argument("--strength", type=float, default=0.2, help="s: how hard z_t is pushed towards the colour")
-    p.add_argument("--t-range", type=int, nargs=2, default=[1, 40], metavar=("T1", "T2"),
-                   help="the steps t (1 = last) in which z_t is pushed")
+    p.add_argument("--strength", type=float, help="s: how hard z_t is pushed towards the colour (default: the "
+                                                  "model's, else the paper's 0.2)")
+    p.add_argument("--t-range", type=int, nargs=2, metavar=("T1", "T2"),
+                   help="the steps t (1 = last) in which z_t is pushed (default: 1..40 of 100, scaled to --steps)")
     p.set_defaults(run=run_recolor)
 
     p = commands.add_parser("batch", help="edit many images listed in a JSON or TOML file")
     p.add_argument("file", help='a list of {"image", "source", "targets"} (TOML: [[edit]] tables); '
                                 "relative image paths are relative to the file")
     inversion_flags(p, with_source=False), model_flags(p), output_flags(p, "edited PNGs")
-    p.add_argument("--cfg-tgt", type=float, help="target guidance (default: 15, the paper's; 7.5 for the embedded "
-                                                 "shapes model)")
-    p.add_argument("--skip", type=int, default=36, help="T_skip: steps left out at the start")
+    p.add_argument("--cfg-tgt", type=float, help="target guidance (default: the model's, else the paper's 15)")
+    p.add_argument("--skip", type=int, help="T_skip (default: 36 of 100, scaled to --steps)")
     p.set_defaults(run=run_batch)
     return parser
 
@@ -125,29 +136,28 @@ def build_parser() -> Parser:
 # ---------------------------------------------------------------------------------------------- checks
 
 def check_settings(args) -> None:
-    """Numbers that the method cannot use, refused before any work."""
-    steps = args.steps
-    if steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}")
-    if steps > 1000:
-        raise UsageError(f"--steps must be at most 1000 (the training schedule's length), got {steps}")
-    skip = getattr(args, "skip", 0)
-    if not 0 <= skip < steps:
-        raise UsageError(f"--skip must be in 0..{steps - 1} (less than --steps {steps}), got {skip}")
-    for name in ("cfg_src", "cfg_tgt"):
-        value = getattr(args, name, None)                    # a number, a list (one per target) or None (default)
-        for w in value if isinstance(value, list) else [] if value is None else [value]:
-            if w < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {w}")
-    if not 0.0 <= getattr(args, "eta", 1.0) <= 1.0:
-        raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
-    if getattr(args, "num_inversions", 1) < 1:
-        raise UsageError(f"--num-inversions must be at least 1, got {args.num_inversions}")
-    if args.size is not None and (args.size <= 0 or args.size % 8):
-        raise UsageError(f"--size must be a positive multiple of 8, got {args.size}")
-    targets = getattr(args, "target", None)
-    if targets is not None and args.cfg_tgt is not None and len(args.cfg_tgt) not in (1, len(targets)):
-        raise UsageError(f"--cfg-tgt takes one value or one per --target ({len(targets)}), got {len(args.cfg_tgt)}")
+    """The numbers, before any work: finite, in range, and consistent with each other."""
+    args.steps = checks.steps(args.steps, "--steps")
+    if hasattr(args, "skip"):
+        args.skip = checks.skip(default_skip(args.steps) if args.skip is None else args.skip, args.steps, "--skip")
+    checks.guidance(args.cfg_src, "--cfg-src")
+    if getattr(args, "cfg_tgt", None) is not None:
+        targets = getattr(args, "target", None)
+        if isinstance(args.cfg_tgt, list):
+            args.cfg_tgt = checks.guidances(args.cfg_tgt, len(targets), "--cfg-tgt")
+        else:
+            checks.guidance(args.cfg_tgt, "--cfg-tgt")
+    args.eta = checks.eta(args.eta, "--eta")
+    if args.eta == 0:
+        raise UsageError("--eta must be above 0: the edit-friendly inversion divides by sigma_t = eta * ...")
+    count = getattr(args, "num_inversions", 1)
+    checks.integer("--num-inversions", count, low=1, high=1000)
+    if args.seed is not None:
+        checks.seed(args.seed, "--seed", count)
+    if args.size is not None:
+        checks.integer("--size", args.size, low=8)
+    if getattr(args, "noise", None) and count > 1:
+        raise UsageError("--noise gives the draws of one inversion; it cannot be combined with --num-inversions")
 
 
 def check_output_folder(folder: Path) -> None:
@@ -164,11 +174,15 @@ def check_output_folder(folder: Path) -> None:
         raise UsageError(f"output folder {folder} is not writable ({e.strerror})") from None
 
 
-def check_new_files(paths: list[Path], overwrite: bool) -> None:
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise UsageError(f"output exists: {existing[0]}" + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else "")
-                         + "; pass --overwrite to replace")
+def check_new_files(outputs: Outputs, paths: list[Path], hint: str = "") -> None:
+    """Refuse names that are folders, or exist without --overwrite; one line for all of them."""
+    existing = [p for p in paths if p.exists() and not p.is_dir()]
+    for p in paths:
+        if p.is_dir():
+            raise UsageError(f"output {p} is a folder")
+    if existing and not outputs.overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UsageError(f"output exists: {existing[0]}{more}; {hint or 'pass --overwrite to replace'}")
 
 
 def check_prompts(editor, prompts: list[str]) -> None:
@@ -189,6 +203,23 @@ def parse_colour(text: str) -> tuple[float, float, float]:
     return tuple(v / 255 for v in rgb)
 
 
+def read_noise(path: str | None) -> torch.Tensor | None:
+    """--noise: the one tensor of a .safetensors file (its shape is checked by Editor.invert)."""
+    if path is None:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not Path(path).is_file():
+        raise UsageError(f"noise file not found: {path}")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"--noise {path}: not a readable .safetensors file ({type(e).__name__})") from None
+    if len(tensors) != 1:
+        raise UsageError(f"--noise {path}: needs exactly one tensor, holds {len(tensors)}")
+    return checks.finite_tensor(f"--noise {path}", next(iter(tensors.values())).float())
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 def load_editor(args, model: str | None = None):
@@ -197,20 +228,22 @@ def load_editor(args, model: str | None = None):
     if not (model or args.model) and not DEFAULT_MODEL.is_file():
         raise UsageError(f"no --model given and the embedded model {DEFAULT_MODEL} is missing (a checkout has it in "
                          "weights/, pip install . in <prefix>/share/efddpm/weights); pass --model")
-    device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available here")
-    dtype_name = args.dtype or ("float16" if device.startswith("cuda") else "float32")
-    if dtype_name == "float16" and device == "cpu":
+    device = checks.device(args.device, "--device")
+    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    if dtype_name == "float16" and device.type == "cpu":
         raise UsageError("--dtype float16 needs a CUDA device (use float32 or bfloat16 on the CPU)")
     if not args.quiet and not (model or args.model):
         print(f"efddpm: using the embedded shapes model ({DEFAULT_MODEL.name}); real photos need SD1.5, "
               "e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5", file=sys.stderr)
-    return Editor.from_pretrained(source, device=device, dtype=DTYPES[dtype_name])
+    editor = Editor.from_pretrained(source, device=device, dtype=DTYPES[dtype_name])
+    if getattr(args, "size", None) is not None:
+        args.size = editor.check_size(args.size, "--size", samples=2 * max(1, len(getattr(args, "target", None) or [1])))
+    return editor
 
 
 class Progress:
-    """One progress bar over the network calls of a command (tqdm, as shipped with huggingface_hub)."""
+    """One progress bar over the network calls of a command (tqdm, as shipped with huggingface_hub); as a
+    context manager it clears its line on the way out, so messages after it start on a line of their own."""
 
     def __init__(self, total: int, quiet: bool):
         from huggingface_hub.utils import tqdm
@@ -219,7 +252,10 @@ class Progress:
     def __call__(self, n: int) -> None:
         self.bar.update(n)
 
-    def close(self) -> None:
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.bar.close()
 
 
@@ -228,65 +264,21 @@ def note(args, text: str) -> None:
         print(f"efddpm: {text}", file=sys.stderr)
 
 
-def settings(args, editor, **extra) -> dict:
-    """What goes into every output's metadata: enough to reproduce it."""
+def record(args, editor, **values) -> dict:
+    """What goes into an output's metadata: the command's settings (enough to reproduce it), under names of
+    their own; the latent code's settings go under "inversion", never merged with them."""
     return {"efddpm_version": __version__, "command": args.command, "model": editor.models.source,
-            "device": str(editor.device), "dtype": str(editor.dtype).removeprefix("torch."), **extra}
+            "device": str(editor.device), "model_dtype": str(editor.dtype).removeprefix("torch."), **values}
 
 
-def png_metadata(values: dict) -> dict[str, str]:
-    return {"efddpm": json.dumps(values), "Software": f"efddpm {__version__}"}
-
-
-def invert(args, editor, image, seed: int, progress: Progress):
-    code = editor.invert(image, args.source, steps=args.steps, guidance=args.cfg_src, eta=args.eta, seed=seed,
-                         size=args.size, progress=progress)
-    note(args, f"{image}: {code.settings['image']}")
-    return code
-
-
-def edit_one(args, editor, image, source: str, targets: list[str], guidances: list[float], skip: int,
-             seeds: list[int], out: Path, stem: str, make_grid: bool) -> None:
-    """Invert `image` once per seed, edit with every target, write the PNGs (and the grid)."""
-    names = output_names(out, stem, len(targets), seeds)
-    grid_name = out / f"{stem}_grid.png"
-    check_new_files(names + ([grid_name] if make_grid else []), args.overwrite)
-    progress = Progress(len(seeds) * 2 * (args.steps - skip), args.quiet)  # inversion and edit: steps - skip each
-    results = []
-    for seed in seeds:
-        code = editor.invert(image, source, steps=args.steps, guidance=args.cfg_src, eta=args.eta, seed=seed,
-                             size=args.size, skip=skip, progress=progress)
-        images = editor.edit(code, targets, guidance=guidances, skip=skip, progress=progress)
-        for k, (target, img) in enumerate(zip(targets, images)):
-            meta = settings(args, editor, image=str(image), resize=code.settings["image"], source=source,
-                            target=target, cfg_src=args.cfg_src, cfg_tgt=guidances[k], steps=args.steps, skip=skip,
-                            eta=args.eta, seed=seed, size=int(img.width))
-            results.append((img, meta))
-    progress.close()
-    note(args, f"{image}: {code.settings['image']}")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, (img, meta) in zip(names, results):
-        save_png(img, name, png_metadata(meta))
-        note(args, f"wrote {name}")
-    if make_grid:
-        pixels, _ = load_image(image, results[0][0].width)
-        save_png(grid(to_pil(pixels) + [img for img, _ in results]), grid_name,
-                 png_metadata({**results[0][1], "target": targets, "layout": "input | edits"}))
-        note(args, f"wrote {grid_name}")
+def png(img, values: dict):
+    """A writer of `img` as a PNG whose "efddpm" text chunk is `values` as JSON (NaN and inf refused)."""
+    return png_writer(img, {"efddpm": json.dumps(values, allow_nan=False), "Software": f"efddpm {__version__}"})
 
 
 def seeds_for(args) -> list[int]:
     first = args.seed if args.seed is not None else secrets.randbelow(2**31)
     return [first + i for i in range(getattr(args, "num_inversions", 1))]
-
-
-def target_guidances(cfg_tgt: float | list[float] | None, editor, n: int) -> list[float]:
-    """--cfg-tgt (a number, one per target, or None: the editor's default, 15 or 7.5 for the embedded model)
-    as one weight per target."""
-    if cfg_tgt is None:
-        cfg_tgt = editor.target_guidance
-    given = cfg_tgt if isinstance(cfg_tgt, list) else [cfg_tgt]
-    return given * n if len(given) == 1 else given
 
 
 def output_names(out: Path, stem: str, n_targets: int, seeds: list[int]) -> list[Path]:
@@ -295,15 +287,67 @@ def output_names(out: Path, stem: str, n_targets: int, seeds: list[int]) -> list
             for s in seeds for k in range(n_targets)]
 
 
+def edit_one(args, editor, outputs: Outputs, image, source: str, targets: list[str], guidances: list[float],
+             seeds: list[int], out: Path, stem: str, make_grid: bool, noise=None) -> None:
+    """Invert `image` once per seed, edit with every target; stage the PNGs (and the grid) in `outputs`."""
+    names = output_names(out, stem, len(targets), seeds)
+    results, inversions = [], []
+    with Progress(len(seeds) * 2 * (args.steps - args.skip), args.quiet) as progress:
+        for seed in seeds:   # inversion and edit: steps - skip network calls each
+            code = editor.invert(image, source, steps=args.steps, guidance=args.cfg_src, eta=args.eta,
+                                 seed=None if noise is not None else seed, noise=noise, size=args.size,
+                                 skip=args.skip, progress=progress)
+            images = editor.edit(code, targets, guidance=guidances, skip=args.skip, progress=progress)
+            inversions.append(code.settings)
+            for target, guidance, img in zip(targets, guidances, images):
+                results.append((img, record(args, editor, image=str(image), resize=code.settings["image"],
+                                            source=source, target=target, cfg_src=args.cfg_src, cfg_tgt=guidance,
+                                            steps=args.steps, skip=args.skip, eta=args.eta, seed=code.settings["seed"],
+                                            size=int(img.width), inversion=code.settings)))
+    note(args, f"{image}: {code.settings['image']}")
+    for name, (img, meta) in zip(names, results):
+        outputs.write(name, png(img, meta))
+    if make_grid:
+        pixels, _ = load_image(image, results[0][0].width)
+        tiles = [meta for _, meta in results]
+        outputs.write(out / f"{stem}_grid.png", png(grid(to_pil(pixels) + [img for img, _ in results]), {
+            **{k: v for k, v in results[0][1].items() if k not in ("target", "cfg_tgt", "seed", "inversion")},
+            "layout": "input | edits, seed by seed, targets in order",
+            "tiles": [{k: m[k] for k in ("seed", "target", "cfg_tgt")} for m in tiles], "inversions": inversions}))
+
+
+def target_guidances(cfg_tgt: float | list[float] | None, editor, n: int) -> list[float]:
+    """--cfg-tgt (a number, one per target, or None: the model's default) as one weight per target."""
+    return checks.guidances(editor.target_guidance if cfg_tgt is None else cfg_tgt, n, "--cfg-tgt")
+
+
+@contextlib.contextmanager
+def writing(args, outputs: Outputs):
+    """Stage a command's outputs; on success move them all into place, on any failure remove them all."""
+    try:
+        yield outputs
+        for path in outputs.commit():
+            note(args, f"wrote {path}")
+    except BaseException:
+        outputs.discard()
+        raise
+
+
 def run_edit(args) -> None:
     check_settings(args)
     open_image(args.image)  # fail on a bad image before loading any model
-    check_output_folder(Path(args.out))
+    noise = read_noise(args.noise)
+    out, stem, seeds = Path(args.out), Path(args.image).stem, seeds_for(args)
+    check_output_folder(out)
+    outputs = Outputs(args.overwrite)
+    check_new_files(outputs, output_names(out, stem, len(args.target), seeds)
+                    + ([out / f"{stem}_grid.png"] if args.grid else []))
     editor = load_editor(args)
     check_prompts(editor, [args.source, *args.target])
     guidances = target_guidances(args.cfg_tgt, editor, len(args.target))
-    edit_one(args, editor, args.image, args.source, args.target, guidances, args.skip, seeds_for(args),
-             Path(args.out), Path(args.image).stem, args.grid)
+    with writing(args, outputs):
+        edit_one(args, editor, outputs, args.image, args.source, args.target, guidances, seeds, out, stem, args.grid,
+                 noise)
 
 
 def run_invert(args) -> None:
@@ -312,122 +356,149 @@ def run_invert(args) -> None:
     if output.suffix != ".safetensors":
         raise UsageError(f"-o must name a .safetensors file, got {output}")
     open_image(args.image)
+    noise = read_noise(args.noise)
     check_output_folder(output.parent)
-    check_new_files([output], args.overwrite)
+    outputs = Outputs(args.overwrite)
+    check_new_files(outputs, [output])
     editor = load_editor(args)
     check_prompts(editor, [args.source])
-    progress = Progress(args.steps, args.quiet)
-    code = invert(args, editor, args.image, seeds_for(args)[0], progress)
-    progress.close()
-    code.settings.update(settings(args, editor, image=str(args.image), cfg_src=args.cfg_src))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    code.save(output)   # atomic
-    note(args, f"wrote {output}")
+    with Progress(args.steps, args.quiet) as progress:
+        code = editor.invert(args.image, args.source, steps=args.steps, guidance=args.cfg_src, eta=args.eta,
+                             seed=None if noise is not None else seeds_for(args)[0], noise=noise, size=args.size,
+                             progress=progress)
+    note(args, f"{args.image}: {code.settings['image']}")
+    code.settings["cli"] = record(args, editor, image=str(args.image))   # beside the code's own settings
+    with writing(args, outputs):
+        outputs.write(output, code.write)
 
 
 def read_code(path: str) -> LatentCode:
     if not Path(path).is_file():
         raise UsageError(f"latent code not found: {path}")
-    try:
-        return LatentCode.load(path)
-    except Exception as e:  # not a safetensors file, or not one of ours
-        raise UsageError(f"not an efddpm latent code: {path} ({type(e).__name__})") from None
+    return LatentCode.load(path)   # checks every tensor and setting; InputError names what is wrong
 
 
 def run_regenerate(args) -> None:
     code = read_code(args.code)
-    args.steps, args.size = code.num_steps, None  # the code's; check_settings checks --skip against them
-    check_settings(args)
+    n = code.num_steps
+    args.skip = checks.skip(default_skip(n) if args.skip is None else args.skip, n, "--skip",
+                            inverted_skip=code.settings["skip"])
+    if args.cfg_tgt is not None:
+        args.cfg_tgt = checks.guidances(args.cfg_tgt, len(args.target), "--cfg-tgt")
+    model = args.model or code.settings.get("model")
+    if not isinstance(model, str) or not model:
+        raise UsageError(f"{args.code} does not name its model; pass --model")
     out = Path(args.out)
     names = [out / f"{Path(args.code).stem}_{k + 1}.png" for k in range(len(args.target))]
     check_output_folder(out)
-    check_new_files(names, args.overwrite)
-    editor = load_editor(args, args.model or code.settings.get("model"))
+    outputs = Outputs(args.overwrite)
+    check_new_files(outputs, names)
+    editor = load_editor(args, model)
     check_prompts(editor, args.target)
     guidances = target_guidances(args.cfg_tgt, editor, len(args.target))
-    progress = Progress(code.num_steps - args.skip, args.quiet)
-    images = editor.edit(code, args.target, guidance=guidances, skip=args.skip, progress=progress)
-    progress.close()
-    out.mkdir(parents=True, exist_ok=True)
-    for k, (name, img) in enumerate(zip(names, images)):
-        meta = settings(args, editor, code=str(args.code), source=code.settings.get("source_prompt", ""),
-                        target=args.target[k], cfg_src=code.settings.get("guidance"), cfg_tgt=guidances[k],
-                        steps=code.num_steps, skip=args.skip, eta=code.settings["eta"], seed=code.settings.get("seed"))
-        save_png(img, name, png_metadata(meta))
-        note(args, f"wrote {name}")
+    with Progress(n - args.skip, args.quiet) as progress:
+        images = editor.edit(code, args.target, guidance=guidances, skip=args.skip, progress=progress)
+    with writing(args, outputs):
+        for name, target, guidance, img in zip(names, args.target, guidances, images):
+            outputs.write(name, png(img, record(args, editor, code=str(args.code),
+                                                source=code.settings.get("source_prompt"), target=target,
+                                                cfg_tgt=guidance, skip=args.skip, inversion=code.settings)))
 
 
-def manipulate(args, suffix: str, apply, **meta) -> None:
-    """Invert args.image, then apply(editor, code, progress) -> PIL image; write <stem>_<suffix>.png."""
+def manipulate(args, suffix: str, apply, before=None, **values) -> None:
+    """Invert args.image, then apply(editor, code, progress) -> (PIL image, settings used); write
+    <stem>_<suffix>.png. before(editor): checks that need the model, run before any work."""
     out = Path(args.out)
     name = out / f"{Path(args.image).stem}_{suffix}.png"
     check_output_folder(out)
-    check_new_files([name], args.overwrite)
+    outputs = Outputs(args.overwrite)
+    check_new_files(outputs, [name])
     editor = load_editor(args)
+    if before is not None:
+        before(editor)
     check_prompts(editor, [args.source])
     seed = seeds_for(args)[0]
-    progress = Progress(2 * args.steps, args.quiet)
-    code = invert(args, editor, args.image, seed, progress)
-    img = apply(editor, code, progress)
-    progress.close()
-    out.mkdir(parents=True, exist_ok=True)
-    save_png(img, name, png_metadata(settings(args, editor, image=str(args.image), source=args.source,
-                                              cfg_src=args.cfg_src, steps=args.steps, eta=args.eta, seed=seed, **meta)))
-    note(args, f"wrote {name}")
+    with Progress(2 * args.steps, args.quiet) as progress:
+        code = editor.invert(args.image, args.source, steps=args.steps, guidance=args.cfg_src, eta=args.eta,
+                             seed=seed, size=args.size, progress=progress)
+        note(args, f"{args.image}: {code.settings['image']}")
+        img, used = apply(editor, code, progress)
+    with writing(args, outputs):
+        outputs.write(name, png(img, record(args, editor, image=str(args.image), source=args.source,
+                                            cfg_src=args.cfg_src, steps=args.steps, eta=args.eta, seed=seed,
+                                            **values, **used, inversion=code.settings)))
 
 
 def run_shift(args) -> None:
     check_settings(args)
+    checks.integer("--dx", args.dx), checks.integer("--dy", args.dy)
     open_image(args.image)
-    manipulate(args, f"shift_{args.dy}_{args.dx}",
-               lambda editor, code, progress: editor.shift(code, args.dy, args.dx, progress=progress),
-               dx=args.dx, dy=args.dy)
+
+    def before(editor):
+        side = editor.latent_side(args.size)
+        checks.shift(args.dy, args.dx, (side, side), ("--dy", "--dx"))
+
+    def apply(editor, code, progress):
+        return editor.shift(code, args.dy, args.dx, progress=progress), {}
+    manipulate(args, f"shift_{args.dy}_{args.dx}", apply, before, dx=args.dx, dy=args.dy)
 
 
 def run_recolor(args) -> None:
     check_settings(args)
     colour = parse_colour(args.color)
-    t1, t2 = sorted(args.t_range)
-    if t1 < 1 or t2 > args.steps:
-        raise UsageError(f"--t-range must lie in 1..{args.steps}, got {args.t_range}")
-    if args.strength < 0:
-        raise UsageError(f"--strength must not be negative, got {args.strength}")
+    step_range = checks.step_range(default_colour_range(args.steps) if args.t_range is None else args.t_range,
+                                   args.steps, "--t-range")
+    if args.strength is not None:
+        checks.strength(args.strength, "--strength")
     image = open_image(args.image)
     if not Path(args.mask).exists():
         raise UsageError(f"mask not found: {args.mask}")
     mask = open_image(args.mask)
     if mask.size != image.size:
         raise UsageError(f"mask {args.mask} is {mask.width}x{mask.height}, the image is {image.width}x{image.height}")
-    manipulate(args, "recolor",
-               lambda editor, code, progress: editor.recolor(code, image, mask, colour, strength=args.strength,
-                                                             step_range=(t1, t2), size=args.size, progress=progress),
-               mask=str(args.mask), color=args.color, strength=args.strength, t_range=[t1, t2])
+    load_mask(mask, 8 * max(1, min(image.size) // 8))   # refuses an empty mask before any work
+
+    def apply(editor, code, progress):
+        strength = editor.colour_strength if args.strength is None else args.strength
+        img = editor.recolor(code, image, mask, colour, strength=strength, step_range=step_range, size=args.size,
+                             progress=progress)
+        return img, {"strength": strength}
+    manipulate(args, "recolor", apply, mask=str(args.mask), color=args.color, t_range=list(step_range))
+
+
+BATCH_KEYS = ("image", "source", "targets")
 
 
 def read_batch(path: Path) -> list[dict]:
     """[{image, source, targets}] from JSON (a list) or TOML ([[edit]] tables); images relative to the file."""
     if not path.is_file():
         raise UsageError(f"batch file not found: {path}")
+    if path.suffix not in (".json", ".toml"):
+        raise UsageError(f"batch file {path}: unknown type {path.suffix or '(no suffix)'!r}; write it as .json "
+                         "(a list of edits) or .toml ([[edit]] tables)")
     try:
-        if path.suffix == ".toml":
-            entries = tomllib.loads(path.read_text(encoding="utf-8")).get("edit")
-        else:
-            entries = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        entries = tomllib.loads(text).get("edit") if path.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"batch file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from None
+        raise UsageError(f"batch file {path} is not valid {path.suffix.lstrip('.').upper()}: {e}") from None
     if not isinstance(entries, list) or not entries:
         raise UsageError(f"batch file {path} must hold a non-empty list of edits")
-    for i, e in enumerate(entries):
+    for i, e in enumerate(entries, 1):
+        if isinstance(e, dict) and (unknown := sorted(set(e) - set(BATCH_KEYS))):
+            raise UsageError(f"batch file {path}: entry {i} has unknown key {unknown[0]!r} (known: "
+                             f"{', '.join(BATCH_KEYS)})")
         targets = e.get("targets") if isinstance(e, dict) else None
         if (not isinstance(e, dict) or not isinstance(e.get("image"), str) or not isinstance(e.get("source", ""), str)
                 or not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)):
-            raise UsageError(f"batch file {path}: entry {i + 1} must be {{\"image\": str, \"source\": str, "
+            raise UsageError(f"batch file {path}: entry {i} must be {{\"image\": str, \"source\": str, "
                              f"\"targets\": [str, ...]}}")
         e["image"] = str(path.parent / e["image"])
     return entries
 
 
 def run_batch(args) -> None:
+    """Each entry's PNGs are written all or nothing when the entry is done; finished entries stay if a later one
+    fails or the run is interrupted."""
     check_settings(args)
     entries = read_batch(Path(args.file))
     stems = [Path(e["image"]).stem for e in entries]
@@ -438,15 +509,29 @@ def run_batch(args) -> None:
     out = Path(args.out)
     check_output_folder(out)
     seed = seeds_for(args)[0]
-    check_new_files([name for stem, e in zip(stems, entries) for name in output_names(out, stem, len(e["targets"]),
-                                                                                     [seed])], args.overwrite)
+    names = [name for stem, e in zip(stems, entries) for name in output_names(out, stem, len(e["targets"]), [seed])]
+    check_new_files(Outputs(args.overwrite), names,
+                    hint="an earlier run of this batch may have finished these entries: pass --overwrite to redo "
+                         "them, or remove the finished entries from the batch file")
     editor = load_editor(args)
     for e in entries:
         check_prompts(editor, [e.get("source", ""), *e["targets"]])
-    for stem, e in zip(stems, entries):
-        edit_one(args, editor, e["image"], e.get("source", ""), e["targets"],
-                 target_guidances(args.cfg_tgt, editor, len(e["targets"])), args.skip, [seed], out, stem,
-                 make_grid=False)
+    guidances = [target_guidances(args.cfg_tgt, editor, len(e["targets"])) for e in entries]
+    for done, (stem, e, g) in enumerate(zip(stems, entries, guidances)):
+        try:
+            with writing(args, Outputs(args.overwrite)) as outputs:
+                edit_one(args, editor, outputs, e["image"], e.get("source", ""), e["targets"], g, [seed], out, stem,
+                         make_grid=False)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{done} of {len(entries)} entries were finished and written; rerunning "
+                                    "the batch refuses their outputs unless --overwrite") from None
+
+
+def warn_once(message, *_, said: set = set()) -> None:
+    """Warnings as one line each, each said once per process (an image is opened more than once)."""
+    if str(message) not in said:
+        said.add(str(message))
+        print(f"efddpm: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,12 +539,18 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # prompt-length warnings are printed by check_prompts
+            warnings.simplefilter("always", LargeImageWarning)
+            warnings.showwarning = warn_once
             args.run(args)
-    except (UsageError, ImageError, CheckpointError) as e:
+    except (InputError, CheckpointError, OutputError) as e:
         print(f"efddpm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("efddpm: interrupted", file=sys.stderr)
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"efddpm: error: out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); try a smaller "
+              "--size or another --device; nothing was written", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"efddpm: interrupted; {str(e) or 'nothing was written'}", file=sys.stderr)
         return 130
     return 0
 

@@ -16,18 +16,18 @@ from torch import nn
 SATURATING_BATCH = 32  # samples per UNet call; an H100 gains nothing beyond (SD1.x fp16: 3.3 ms/sample at 32, 3.2 at 64)
 
 
-def inversion_chunk(unet: nn.Module, latent: torch.Tensor, steps: int, per_step: int, dtype: torch.dtype) -> int:
-    """Timesteps per batched inversion call: as many as keep the batch under SATURATING_BATCH samples and
-    the activations under half the free GPU memory. latent: [B, C, h, w]; per_step: UNet samples per step
-    (2B with guidance). Float32 and float64 keep 1, the step-by-step Algorithm 1: batching makes f see x_t
-    before the write-back, which costs the exact reconstruction (~1e-5 instead of ~1e-8 in float32)."""
+def inversion_chunk(latent: torch.Tensor, steps: int, per_step: int, dtype: torch.dtype) -> int:
+    """Timesteps per batched inversion call: as many as keep the batch under SATURATING_BATCH samples. latent:
+    [B, C, h, w]; per_step: UNet samples per step (2B with guidance). Float32 and float64 keep 1, the step-by-step
+    Algorithm 1: batching makes f see x_t before the write-back, which costs the exact reconstruction (~1e-5
+    instead of ~1e-8 in float32).
+
+    The chunk decides the batch composition, and in half precision the batch composition decides the output bits,
+    so it depends on the shapes and the dtype only, never on the free memory: same seed, same bytes, whatever else
+    runs on the GPU. (Editor.invert falls back to chunk 1 if it does not fit, and records the chunk used.)"""
     if latent.device.type != "cuda" or dtype.itemsize > 2:
         return 1
-    free, _ = torch.cuda.mem_get_info(latent.device)
-    # peak activations of one sample: ~28 maps of model_channels x h x w (SD1.x fp16 at 64x64: 67.5 MiB, measured)
-    per_sample = 28 * unet.config.model_channels * latent.shape[-2] * latent.shape[-1] * dtype.itemsize
-    by_memory = int(0.5 * free) // (per_sample * per_step)
-    return max(1, min(steps, SATURATING_BATCH // per_step, by_memory))
+    return max(1, min(steps, SATURATING_BATCH // per_step))
 
 
 class GraphedUNet:

@@ -1,22 +1,29 @@
-"""Images in and out: any input becomes an RGB tensor in [-1, 1] of the model's size; PNGs are written atomically.
+"""Images in and out: any input becomes an RGB tensor in [-1, 1] of the model's size; PNGs are written all or nothing.
 
 Size policy (documented in the README and printed by the command line): the EXIF orientation is applied,
 the central square of the picture is kept (the shorter side; the authors crop to a square too), and it is
 resized with a Lanczos filter to `size` x `size`, `size` a multiple of 8 (512 for SD1.x).
 """
 import os
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
+from .atomic import Outputs
+from .checks import InputError
+
 MAX_PIXELS = 100_000_000  # larger inputs are refused (a decompression bomb, or a mistake)
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """A bad image input; the message is one line naming the problem."""
+
+
+class LargeImageWarning(UserWarning):
+    """An image within MAX_PIXELS but large enough for Pillow's decompression-bomb warning."""
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -29,11 +36,17 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     if path.stat().st_size == 0:
         raise ImageError(f"image file is empty (0 bytes): {path}")
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"image too large: {path} is {img.width}x{img.height}, the limit is {MAX_PIXELS:,} pixels")
-            img.load()
-            return ImageOps.exif_transpose(img)  # a decoded copy, upright
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said once, in our words, below
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(f"image too large: {path} is {img.width}x{img.height}, "
+                                     f"the limit is {MAX_PIXELS:,} pixels")
+                if img.width * img.height > (Image.MAX_IMAGE_PIXELS or MAX_PIXELS):
+                    warnings.warn(f"{path} is {img.width}x{img.height} ({img.width * img.height / 1e6:.0f} "
+                                  "megapixels): decoding it takes time and memory", LargeImageWarning, stacklevel=2)
+                img.load()
+                return ImageOps.exif_transpose(img)  # a decoded copy, upright
     except ImageError:
         raise
     except Image.DecompressionBombError:
@@ -72,29 +85,61 @@ def fit_square(img: Image.Image, size: int) -> tuple[Image.Image, str]:
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    square = img.crop((left, top, left + side, top + side))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # open_image has warned, in one line of ours
+        square = img.crop((left, top, left + side, top + side))
     out = square if side == size else square.resize((size, size), Image.Resampling.LANCZOS)
     note = f"{w}x{h}" + (f" -> central crop {side}x{side}" if w != h else "") + (f" -> resized {size}x{size}" if side != size else "")
     return out, note
 
 
-def load_image(image, size: int) -> tuple[torch.Tensor, str]:
-    """A path, PIL image, uint8 numpy array [H, W(, C)] or float tensor [3, H, W] in [0, 1]
-    -> tensor [1, 3, size, size] in [-1, 1] (float32), and a line describing the resize."""
+def as_pil(image) -> Image.Image:
+    """A path, PIL image, uint8 numpy array [H, W(, C)], or tensor [3, H, W] / [1, H, W] (uint8 0..255, or
+    floating in [0, 1]) -> PIL image; anything else, NaN or out of range, raises ImageError."""
     if isinstance(image, (str, os.PathLike)):
-        image = open_image(image)
-    elif isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise ImageError(f"numpy images must be uint8 [H, W] or [H, W, C], got {image.dtype}")
-        image = Image.fromarray(image)
-    elif isinstance(image, torch.Tensor):
+        return open_image(image)
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ImageError(f"numpy images must be uint8 [H, W] or [H, W, 1|3|4], got {image.dtype} {list(image.shape)}")
+        return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3):
-            raise ImageError(f"tensor images must be [3, H, W] or [1, H, W] in [0, 1], got shape {tuple(image.shape)}")
-        array = (image.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).expand(3, -1, -1)
-        image = Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
-    elif not isinstance(image, Image.Image):
-        raise ImageError(f"unsupported image type {type(image).__name__}")
-    square, note = fit_square(to_rgb(image), size)
+            raise ImageError(f"tensor images must be [3, H, W] or [1, H, W], got shape {list(image.shape)}")
+        if image.dtype == torch.uint8:
+            array = image
+        elif image.is_floating_point():
+            if not bool(torch.isfinite(image).all()):
+                raise ImageError("the image tensor holds NaN or infinite values")
+            low, high = float(image.min()), float(image.max())
+            if low < -1e-6 or high > 1 + 1e-6:
+                raise ImageError(f"floating image tensors must lie in [0, 1], got values in [{low:.4g}, {high:.4g}] "
+                                 "(uint8 tensors are read as 0..255)")
+            array = (image.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+        else:
+            raise ImageError(f"tensor images must be uint8 or floating, got {image.dtype}")
+        return Image.fromarray(array.expand(3, -1, -1).permute(1, 2, 0).cpu().numpy())
+    raise ImageError(f"unsupported image type {type(image).__name__}")
+
+
+def load_mask(mask, size: int) -> tuple[torch.Tensor, str]:
+    """A mask (anything as_pil takes): white marks the region, transparent pixels are outside it
+    -> bool [1, 1, size, size] (cropped and resized like the image), or ImageError when it marks nothing."""
+    img = as_pil(mask)
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "P", "PA"):   # transparency: over black, so it is "not the region"
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    pixels, note = load_image(img, size)                                      # [1, 3, size, size] in [-1, 1]
+    region = pixels.mean(dim=1, keepdim=True) > -1                             # any pixel brighter than black
+    if not bool(region.any()):
+        raise ImageError("the mask marks nothing (all black or fully transparent); white marks the region to edit")
+    return region, note
+
+
+def load_image(image, size: int) -> tuple[torch.Tensor, str]:
+    """Anything as_pil takes -> tensor [1, 3, size, size] in [-1, 1] (float32), and a line describing the resize."""
+    square, note = fit_square(to_rgb(as_pil(image)), size)
     pixels = torch.from_numpy(np.asarray(square, dtype=np.float32).copy())  # [size, size, 3] in 0..255
     return (pixels.permute(2, 0, 1)[None] / 127.5 - 1.0), note  # [1, 3, size, size]
 
@@ -114,17 +159,15 @@ def grid(images: list[Image.Image]) -> Image.Image:
     return out
 
 
-def save_png(img: Image.Image, path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write a PNG with text chunks, atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
+def png_writer(img: Image.Image, metadata: dict[str, str]):
+    """A writer for efddpm.atomic.Outputs: the PNG with `metadata` as international text chunks."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_itxt(key, value)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return lambda tmp: img.save(tmp, format="PNG", pnginfo=info)
+
+
+def save_png(img: Image.Image, path: str | os.PathLike, metadata: dict[str, str], overwrite: bool = True) -> None:
+    """Write one PNG with text chunks, all or nothing (efddpm.atomic)."""
+    with Outputs(overwrite=overwrite) as out:
+        out.write(path, png_writer(img, metadata))

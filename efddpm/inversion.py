@@ -16,13 +16,13 @@ the descending grid `timesteps` (991, ..., 1 for N=100):
     skip k             editing starts from xts[N - k] (timestep timesteps[k]) and uses
                        zs[N-k-1], ..., zs[0]; the code's k noisiest steps are not used.
 
-Classifier-free guidance (pitfall 5). eps = f_u + w (f_c - f_u) is computed from ONE batched call
+Classifier-free guidance. eps = f_u + w (f_c - f_u) is computed from ONE batched call
 of f over [uncond; cond]. When `cond` is None (no prompt, e.g. the authors' empty source prompt) or
 `uncond` or `guidance` is None, there is no guidance term: a single call f(x, t, cond or uncond),
 as the authors' code does for an empty source prompt. (SD's "" embedding is the uncond embedding,
 so guidance with it would give the same eps up to rounding, at twice the cost.)
 
-Precision (pitfalls 3-4). Everything, the trajectory and the noise maps included, is kept in a
+Precision. Everything, the trajectory and the noise maps included, is kept in a
 working dtype of at least float32 (float64 stays float64); the network's output is cast to it, so
 eq. 5 divides by sigma_t (0.02 at the last step) in float32 even when f runs in fp16. Exact
 reconstruction needs the same mu formula, dtype and batch composition in inversion and
@@ -42,11 +42,15 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import checks
+from .atomic import write_atomically
+from .checks import InputError
+from .defaults import ETA, SOURCE_GUIDANCE, STEPS, TARGET_GUIDANCE, default_skip
 from .scheduler import (SD1, ScheduleConfig, alphas_cumprod, ddpm_step, forward_chain_step,
                         marginal, mu, predicted_x0, step_coefficients, timesteps)
 
 NoisePredictor = Callable[[Tensor, Tensor, Any], Tensor]
-DEFAULT_SKIP_FRACTION = 0.36   # T_skip = 36 of N = 100, the paper's default
+METHODS = ("edit_friendly", "native", "ddim")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,26 +120,88 @@ class LatentCode:
         return LatentCode(self.x_T.to(device), self.zs.to(device), xts, self.timesteps.to(device),
                           dict(self.settings))
 
-    def save(self, path: str) -> None:
-        """Write a .safetensors file, atomically; the settings go in its metadata as JSON."""
+    def save(self, path: str, overwrite: bool = True) -> None:
+        """Write a .safetensors file, atomically (efddpm.atomic); the settings go in its metadata as JSON."""
+        write_atomically(Path(path), self.write, overwrite=overwrite)
+
+    def write(self, path: Path) -> None:
+        """Write the .safetensors file at `path` as it is (save() does it atomically)."""
         from safetensors.torch import save_file
-        from .checkpoint import write_atomically
-        tensors = {"x_T": self.x_T, "zs": self.zs, "xts": self.xts, "timesteps": self.timesteps}
-        write_atomically(Path(path), lambda tmp: save_file(
-            {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(tmp),
-            metadata={"efddpm.latent_code": json.dumps(self.settings)}))
+        tensors = {k: getattr(self, k).detach().contiguous().clone().cpu() for k in TENSORS}
+        save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(self.settings, allow_nan=False)})
 
     @classmethod
     def load(cls, path: str, device: str | torch.device = "cpu") -> "LatentCode":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt", device=str(device)) as fh:
-            settings = json.loads(fh.metadata()["efddpm.latent_code"])
-            t = {k: fh.get_tensor(k) for k in ("x_T", "zs", "xts", "timesteps")}
-        return cls(t["x_T"], t["zs"], t["xts"], t["timesteps"], settings)
+        """Read a code written by save(), checking every tensor and setting (InputError names what is wrong)."""
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                metadata, names = fh.metadata() or {}, set(fh.keys())
+                if METADATA_KEY not in metadata or names != set(TENSORS):
+                    raise InputError(f"{path} is not an efddpm latent code (tensors {sorted(names)}, "
+                                     f"expected {list(TENSORS)} and {METADATA_KEY!r} metadata)")
+                tensors = {k: fh.get_tensor(k) for k in TENSORS}
+            settings = json.loads(metadata[METADATA_KEY])
+        except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path} is not a readable efddpm latent code ({type(e).__name__})") from None
+        code = cls(*(tensors[k] for k in TENSORS), settings)
+        code.check(str(path))
+        return code.to(device)
+
+    def check(self, what: str = "latent code") -> None:
+        """Raise InputError unless the tensors and settings are those of a code made here: every key, type,
+        shape, dtype and value range, and the grid the settings name."""
+        s = self.settings
+
+        def bad(message: str):
+            return InputError(f"{what}: {message}")
+        if not isinstance(s, dict):
+            raise bad("settings are not a dict")
+        for key, kinds in SETTINGS.items():
+            if key not in s:
+                raise bad(f"settings lack {key!r}")
+            if not isinstance(s[key], kinds) or (isinstance(s[key], bool) and bool not in kinds):
+                raise bad(f"setting {key!r} has the wrong type ({type(s[key]).__name__})")
+        if s["method"] not in METHODS:
+            raise bad(f"unknown method {s['method']!r} (known: {', '.join(METHODS)})")
+        try:
+            schedule = ScheduleConfig(**s["schedule"])
+            alphas_cumprod(schedule)                                     # refuses an unknown kind
+            grid = timesteps(s["num_steps"], schedule)
+            checks.eta(s["eta"], "eta")
+            checks.skip(s["skip"], s["num_steps"], "skip")
+            g = s["guidance"]
+            if g is not None:
+                checks.guidances(g, len(g) if isinstance(g, list) else 1, "guidance")
+        except (TypeError, ValueError) as e:
+            raise bad(f"bad settings ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        n, dtype = s["num_steps"], getattr(torch, s["dtype"], None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise bad(f"setting 'dtype' {s['dtype']!r} is not a floating dtype")
+        rows = tuple(self.x_T.shape)
+        for name, t, shape in (("x_T", self.x_T, rows), ("zs", self.zs, (n, *rows)), ("xts", self.xts, (n + 1, *rows))):
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise bad(f"{name} is {list(t.shape)} {t.dtype}, expected {list(shape)} {dtype}")
+        if self.timesteps.dtype != torch.int64 or not torch.equal(self.timesteps.cpu(), grid):
+            raise bad(f"timesteps are not the {n}-step grid of the code's schedule")
+        used = n - s["skip"]                                           # zs[0..used-1] and xts[0..used] are used
+        if not (torch.isfinite(self.zs[:used]).all() and torch.isfinite(self.xts[:used + 1]).all()):
+            raise bad("holds NaN or infinite values")
+        if not torch.equal(self.x_T, self.xts[n]):
+            raise bad("x_T differs from xts[N]")
+
+
+TENSORS = ("x_T", "zs", "xts", "timesteps")
+METADATA_KEY = "efddpm.latent_code"
+SETTINGS = {  # what every code's settings hold, and the JSON types of their values
+    "method": (str,), "num_steps": (int,), "eta": (int, float), "guidance": (int, float, list, type(None)),
+    "reference_direction": (bool,), "zero_last_noise": (bool,), "schedule": (dict,), "dtype": (str,),
+    "noise": (str, type(None)), "seed": (int, type(None)), "skip": (int,),
+}
 
 
 def _working_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)   # at least float32 (pitfall 4)
+    return torch.promote_types(x.dtype, torch.float32)   # at least float32: eq. 5 divides by sigma_t ~ 0.02
 
 
 def _draw(shape, generator: torch.Generator | None, dtype: torch.dtype, device) -> Tensor:
@@ -186,7 +252,7 @@ def native_trajectory(x0: Tensor, abar: Tensor, ts: Tensor, noise: Tensor) -> Te
 
 def edit_friendly_trajectory(x0: Tensor, abar: Tensor, ts: Tensor, noise: Tensor) -> Tensor:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps~_t with eps~_t drawn independently for
-    every t (eq. 6; pitfall 2). Returns xts [N+1, B, ...]."""
+    every t (eq. 6; never derived from the z's). Returns xts [N+1, B, ...]."""
     n_steps = ts.numel()
     xts = torch.empty((n_steps + 1, *x0.shape), dtype=noise.dtype, device=x0.device)
     xts[0] = x0
@@ -266,7 +332,7 @@ def _invert(method: str, trajectory, f, x0, cond, uncond, guidance, num_steps, e
 
 
 def edit_friendly_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None,
-                            guidance=3.5, *, num_steps: int = 100, eta: float = 1.0,
+                            guidance=SOURCE_GUIDANCE, *, num_steps: int = STEPS, eta: float = ETA,
                             generator: torch.Generator | None = None, noise: Tensor | None = None,
                             schedule: ScheduleConfig = SD1, abar: Tensor | None = None,
                             reference_direction: bool = False, zero_last_noise: bool = False,
@@ -275,7 +341,7 @@ def edit_friendly_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=Non
     write-back. Replaying eq. 3 with the code and the same cond/guidance returns x_0 exactly.
 
     x0: [B, ...] (each row gets its own noise); noise: optional eps~ [N, B, ...], noise[n-1] for
-    xts[n]; zero_last_noise / reference_direction: the authors' code (audit options, see SPEC);
+    xts[n]; zero_last_noise / reference_direction: the authors' code (audit options, see docs/numerics.md);
     skip / chunk: leave out the steps an edit with that skip never uses, and evaluate f for
     several steps in one batched call (see extract_noise).
     """
@@ -284,8 +350,8 @@ def edit_friendly_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=Non
                    zero_last_noise, meta, skip, chunk)
 
 
-def native_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None, guidance=3.5, *,
-                     num_steps: int = 100, eta: float = 1.0,
+def native_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None, guidance=SOURCE_GUIDANCE, *,
+                     num_steps: int = STEPS, eta: float = ETA,
                      generator: torch.Generator | None = None, noise: Tensor | None = None,
                      schedule: ScheduleConfig = SD1, abar: Tensor | None = None,
                      reference_direction: bool = False, zero_last_noise: bool = False,
@@ -305,8 +371,8 @@ def diverse_inversions(f: NoisePredictor, x0: Tensor, seeds: Sequence[int], *arg
                                     **kwargs) for s in seeds]
 
 
-def ddim_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None, guidance=3.5, *,
-                   num_steps: int = 100, schedule: ScheduleConfig = SD1,
+def ddim_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None, guidance=SOURCE_GUIDANCE, *,
+                   num_steps: int = STEPS, schedule: ScheduleConfig = SD1,
                    abar: Tensor | None = None, meta: dict | None = None) -> LatentCode:
     """DDIM inversion, the classic baseline: run the deterministic (eta = 0) step backwards,
     x_t = sqrt(abar_t) P + sqrt(1 - abar_t) f with P predicted from x_{t_prev} (eq. 2 with the
@@ -324,6 +390,7 @@ def ddim_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None, guidan
         xts[n] = marginal(predicted_x0(xts[n - 1], eps, s.abar_prev), s.abar_t, eps)  # eq. 2, 4
     settings = _settings("ddim", num_steps, 0.0, guidance, schedule, dtype, False, False,
                          {"noise": None, "seed": None}, meta)
+    settings["skip"] = 0
     return LatentCode(xts[num_steps], torch.zeros_like(xts[1:]), xts, ts, settings)
 
 
@@ -380,14 +447,10 @@ def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guid
     return x
 
 
-def default_skip(num_steps: int) -> int:
-    """T_skip = 36 of 100 steps, scaled to num_steps."""
-    return round(DEFAULT_SKIP_FRACTION * num_steps)
-
-
-def edit(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guidance=15.0, *,
+def edit(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guidance=TARGET_GUIDANCE, *,
          skip: int | None = None, eta: float | None = None, **kwargs) -> Tensor:
     """Text-based editing (Sec. 3): regenerate with the target prompt(s) and guidance(s), from
-    T - T_skip. Defaults: w_tgt = 15, T_skip = 36 of 100, eta = the code's (1)."""
+    T - T_skip. Defaults (efddpm.defaults): w_tgt = 15, T_skip = 36 of 100 scaled to the code's
+    steps, eta = the code's (1)."""
     skip = default_skip(code.num_steps) if skip is None else skip
     return regenerate(f, code, cond, uncond, guidance, skip=skip, eta=eta, **kwargs)

@@ -74,7 +74,7 @@ def colour_target(encode: Callable[[Tensor], Tensor], colour, image_size: tuple[
     `colour` (RGB in [0, 1]); image [1, 3, H, W] in [-1, 1], or a flat colour when None.
 
     encode: image [B, 3, H, W] in [-1, 1] -> scaled latent [B, 4, h, w] (e.g. the VAE mean
-    times 0.18215, pitfall 6). Only M's values inside the latent mask are used by the edit.
+    times 0.18215; mode(), not sample()). Only M's values inside the latent mask are used by the edit.
     """
     c = torch.as_tensor(colour, dtype=torch.float32).reshape(1, 3, 1, 1) * 2 - 1   # [1, 3, 1, 1]
     painted = c.expand(1, 3, *image_size)

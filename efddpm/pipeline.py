@@ -5,29 +5,34 @@
     dog, = editor.edit(code, "a photo of a dog")                      # PIL images, one per target prompt
     code.save("cat.safetensors")                                      # LatentCode.load(...) to edit again later
 
-Images become x_0 = mode of the VAE posterior times the scaling factor (SPEC pitfall 6); prompts become CLIP's
-last hidden state. The UNet runs in the editor's dtype; the method keeps x_t and the noise maps in at least
-float32 and divides by sigma_t there (pitfall 4). An empty source prompt means no guidance term during the
-inversion, as in the authors' code (pitfall 5); otherwise eps = f("") + w (f(prompt) - f("")).
+Images become x_0 = the mode (mean) of the VAE posterior times the scaling factor (0.18215 for SD1.x), never a
+sample; prompts become CLIP's last hidden state. The UNet runs in the editor's dtype; the method keeps x_t and
+the noise maps in at least float32 and divides by sigma_t (0.02 at the last step) there, never in half precision.
+An empty source prompt means no guidance term during the inversion, as in the authors' code; otherwise
+eps = f("") + w (f(prompt) - f("")).
+
+Defaults are the paper's (efddpm.defaults), except where the model's file recommends its own (models.defaults:
+the embedded shapes model's target guidance 7.5). Every argument is checked (efddpm.checks): a bad one raises
+InputError, a ValueError with a one-line message.
 """
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image
 
+from . import checks
 from .checkpoint import CheckpointError, StableDiffusionModels, load
+from .checks import InputError
+from .defaults import (COLOUR_STRENGTH, ETA, SOURCE_GUIDANCE, STEPS, TARGET_GUIDANCE, default_colour_range,
+                       default_skip)
 from .fast import GraphedUNet, inversion_chunk
 from .images import load_image, to_pil
 from .inversion import LatentCode, edit_friendly_inversion, regenerate
 from .manipulations import colour_edit, colour_target, latent_mask, shift_code
 from .scheduler import SD1, check_alphas_cumprod
-from .shapes import DEFAULT_MODEL, DEFAULT_TARGET_GUIDANCE
-
-PAPER_TARGET_GUIDANCE = 15.0   # the paper's target guidance for SD1.x
 
 Progress = Callable[[int], None]  # called with the number of network calls just made
 
@@ -62,6 +67,11 @@ def exact_float32(dtype: torch.dtype):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def _guidance_list(value, n: int) -> list[float] | float:
+    """Checked guidance: one number, or a list of one per prompt."""
+    return checks.guidances(value, n)[0] if not isinstance(value, (list, tuple)) else checks.guidances(value, n)
+
+
 @dataclass
 class Editor:
     """The models of one checkpoint, and the edit-friendly inversion and editing of images with them.
@@ -77,9 +87,14 @@ class Editor:
     def from_pretrained(cls, source: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         revision: str | None = None, offline: bool | None = None) -> "Editor":
         """A hub id, a diffusers folder or a single-file checkpoint (see efddpm.checkpoint.load)."""
+        device = checks.device(device)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise InputError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        if dtype == torch.float16 and device.type == "cpu":
+            raise InputError("dtype float16 needs a CUDA device (use float32 or bfloat16 on the CPU)")
         models = load(source, device=device, dtype=dtype, revision=revision, offline=offline)
         check_schedule(models)
-        fast = torch.device(device).type == "cuda"
+        fast = device.type == "cuda"
         if fast:
             models.unet.to(memory_format=torch.channels_last)
         return cls(models, dtype, fast=fast)
@@ -90,11 +105,62 @@ class Editor:
 
     @property
     def target_guidance(self) -> float:
-        """The default target guidance: the paper's 15, or 7.5 for the embedded shapes model (at 15 its edits
-        over-saturate: benchmarks/edit_benchmark.py)."""
-        path = Path(self.models.source)
-        embedded = path.is_file() and path.resolve() == DEFAULT_MODEL.resolve()
-        return DEFAULT_TARGET_GUIDANCE if embedded else PAPER_TARGET_GUIDANCE
+        """The default target guidance: the model's own when its file recommends one (the embedded shapes model:
+        7.5; at 15 its edits over-saturate), else the paper's 15."""
+        return float(self.models.defaults.get("target_guidance", TARGET_GUIDANCE))
+
+    @property
+    def colour_strength(self) -> float:
+        """The default strength s of the colour manipulation: the model's own, else the paper's 0.2."""
+        return float(self.models.defaults.get("colour_strength", COLOUR_STRENGTH))
+
+    # ------------------------------------------------------------------ checks that need the model
+
+    @property
+    def downsampling(self) -> int:
+        """Image pixels per latent pixel of the coarsest UNet level: picture sides must be multiples of it."""
+        vae_levels = len(self.models.vae.config.channel_mult) - 1
+        unet_levels = len(self.models.unet.config.channel_mult) - 1
+        return 2 ** (vae_levels + unet_levels)
+
+    def latent_side(self, size: int | None = None) -> int:
+        return (size or self.models.image_size) // 2 ** (len(self.models.vae.config.channel_mult) - 1)
+
+    def check_size(self, size: int | None, name: str = "size", samples: int = 2) -> int:
+        """The picture side: a positive multiple of self.downsampling whose largest activations fit in the
+        device's memory (an estimate from the configs, not from what is free now)."""
+        if size is None:
+            return self.models.image_size
+        factor = self.downsampling
+        size = checks.integer(name, size, low=1)
+        if size % factor:
+            raise InputError(f"{name} must be a multiple of {factor} for this model (its VAE and UNet halve the "
+                             f"picture {factor.bit_length() - 1} times), got {size}")
+        need, have = self.memory_estimate(size, samples), checks.memory_bytes(self.device)
+        if need > have:
+            raise InputError(f"{name} {size} needs about {need / 2**30:.0f} GiB for this model, more than the "
+                             f"{have / 2**30:.0f} GiB of {self.device.type}")
+        return size
+
+    def memory_estimate(self, size: int, samples: int = 2) -> int:
+        """Bytes of the largest activations at this picture side: the UNet's feature maps (~28 maps of
+        model_channels per sample, measured on SD1.x) and its finest attention matrix, and the VAE's full-size
+        maps and mid-block attention; a bound to refuse impossible sizes, not a prediction."""
+        u, v, item = self.models.unet.config, self.models.vae.config, self.dtype.itemsize
+        side = self.latent_side(size)
+        maps = 28 * u.model_channels * side * side * item * samples
+        level = min(u.attention_levels, default=None)
+        tokens = (side // 2 ** level) ** 2 if level is not None else 0
+        attention = u.num_heads * tokens ** 2 * item * samples
+        vae_maps = 6 * v.base_channels * v.channel_mult[0] * size * size * item
+        vae_attention = side ** 4 * item
+        return maps + max(attention, vae_maps, vae_attention)
+
+    def check_output(self, latents: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(latents).all()):
+            raise InputError("the result holds NaN or infinite values (a guidance or strength too large for this "
+                             "model and dtype?); nothing was written")
+        return latents
 
     # ------------------------------------------------------------------ the networks, as the method needs them
 
@@ -111,24 +177,27 @@ class Editor:
     def encode_prompts(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompts -> CLIP last hidden states [B, 77, width]; warns when a prompt is cut after 75 tokens."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise InputError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
         for message in self.prompt_warnings(prompts):
             warnings.warn(message, stacklevel=3)
         return self.models.text_encoder(self.models.tokenizer(prompts).to(self.device))  # [B, 77, width]
 
     @torch.inference_mode()
     def encode_image(self, image, size: int | None = None) -> tuple[torch.Tensor, str]:
-        """Image (path, PIL, uint8 numpy, [3, H, W] tensor in [0, 1]) -> x_0 [1, 4, size/f, size/f] in the method's
-        dtype (float32, float64 for a float64 editor), and a line saying how the image was cropped and resized
-        (efddpm.images)."""
-        pixels, note = load_image(image, size or self.models.image_size)  # [1, 3, size, size] in [-1, 1]
+        """Image (path, PIL, uint8 numpy, [3, H, W] tensor: float in [0, 1] or uint8) -> x_0 [1, 4, size/f, size/f]
+        in the method's dtype (float32, float64 for a float64 editor), and a line saying how the image was
+        cropped and resized (efddpm.images)."""
+        pixels, note = load_image(image, self.check_size(size))              # [1, 3, size, size] in [-1, 1]
         vae = self.models.vae
-        x0 = vae.encode(pixels.to(self.device, self.dtype)).mode() * vae.config.scaling_factor  # pitfall 6
-        return x0.to(torch.promote_types(self.dtype, torch.float32)), note   # pitfall 4: x_t never in half
+        x0 = vae.encode(pixels.to(self.device, self.dtype)).mode() * vae.config.scaling_factor  # the mean, scaled
+        return x0.to(torch.promote_types(self.dtype, torch.float32)), note   # x_t never in half precision
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """x_0 latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1] (float32)."""
+        """x_0 latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1] (float32); refuses non-finite latents."""
         vae = self.models.vae
+        latents = self.check_output(latents)
         return vae.decode((latents / vae.config.scaling_factor).to(self.dtype)).float().clamp(-1, 1)
 
     def noise_predictor(self, progress: Progress | None = None, graphed: bool = False):
@@ -151,42 +220,90 @@ class Editor:
 
     # ------------------------------------------------------------------ the job
 
-    def invert(self, image, source_prompt: str = "", *, steps: int = 100, guidance: float = 3.5, eta: float = 1.0,
-               seed: int | None = None, size: int | None = None, skip: int = 0,
+    def invert(self, image, source_prompt: str = "", *, steps: int = STEPS, guidance: float = SOURCE_GUIDANCE,
+               eta: float = ETA, seed: int | None = None, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None, size: int | None = None, skip: int = 0, chunk: int | None = None,
                progress: Progress | None = None) -> LatentCode:
-        """Edit-friendly inversion (Algorithm 1) of one image under the source prompt (`steps - skip` network
-        calls). skip: the code serves edits with that skip or more (the noisier steps are left out)."""
+        """Edit-friendly inversion (Algorithm 1) of one image under the source prompt (`steps - skip` network calls).
+
+        Randomness, one of: seed (a torch.Generator on the editor's device seeded with it), generator (yours),
+        noise (the eps~ of eq. 6 themselves, [steps, 1, 4, h, w]: an auditor can feed another implementation's
+        draws); none: torch's global generator. skip: the code serves edits with that skip or more (the noisier
+        steps are left out). chunk: timesteps per batched UNet call (the fast path's choice when None; recorded).
+        """
+        steps = checks.steps(steps)
+        skip = checks.skip(skip, steps)
+        eta = checks.eta(eta)
+        if eta == 0:
+            raise InputError("eta must be above 0 for the edit-friendly inversion (eq. 5 divides by sigma_t = eta * ...)")
+        if sum(x is not None for x in (seed, generator, noise)) > 1:
+            raise InputError("give at most one of seed, generator and noise")
+        if not isinstance(source_prompt, str):
+            raise InputError(f"source_prompt must be a string, got {type(source_prompt).__name__}")
         x0, note = self.encode_image(image, size)
+        if noise is not None:
+            checks.finite_tensor("noise", noise)
+            if tuple(noise.shape) != (steps, *x0.shape):
+                raise InputError(f"noise must have shape {[steps, *x0.shape]} (steps, then the latent's), "
+                                 f"got {list(noise.shape)}")
+        if seed is not None:
+            generator = torch.Generator(self.device).manual_seed(checks.seed(seed))
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         uncond = self.encode_prompts("")
         cond = self.encode_prompts(source_prompt) if source_prompt else None  # "": no guidance term
-        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
-        chunk = inversion_chunk(self.models.unet, x0, steps - skip, 2 if cond is not None else 1, self.dtype) \
-            if self.fast else 1
-        return edit_friendly_inversion(
-            self.noise_predictor(progress, graphed=chunk == 1), x0, cond, uncond,
-            guidance if cond is not None else None, num_steps=steps, eta=eta, generator=generator, skip=skip, chunk=chunk,
-            meta={"source_prompt": source_prompt, "model": self.models.source, "image": note,
-                  "model_dtype": str(self.dtype).removeprefix("torch.")})
+        guidance = checks.guidance(guidance) if cond is not None else None
+        fallback = chunk is None and self.fast
+        if chunk is None:
+            chunk = inversion_chunk(x0, steps - skip, 2 if cond is not None else 1, self.dtype) if self.fast else 1
+        chunk = checks.integer("chunk", chunk, low=1)
+        state = None if generator is None else generator.get_state()
 
-    def regenerate(self, code: LatentCode, prompts: str | list[str], *, guidance: float | list[float] | None = 15.0,
-                   skip: int = 36, eta: float | None = None, progress: Progress | None = None,
+        def run(chunk: int) -> LatentCode:
+            return edit_friendly_inversion(
+                self.noise_predictor(progress, graphed=chunk == 1), x0, cond, uncond, guidance, num_steps=steps,
+                eta=eta, generator=generator, noise=noise, skip=skip, chunk=chunk,
+                meta={"source_prompt": source_prompt, "model": self.models.source, "image": note,
+                      "model_dtype": str(self.dtype).removeprefix("torch."), "chunk": chunk})
+        try:
+            return run(chunk)
+        except torch.OutOfMemoryError:
+            if not fallback or chunk == 1:
+                raise
+            if state is not None:
+                generator.set_state(state)   # the same draws as the batched attempt
+            return run(1)                     # one timestep per call: fits wherever the regeneration fits
+
+    def regenerate(self, code: LatentCode, prompts: str | list[str], *, guidance: float | list[float] | None = None,
+                   skip: int | None = None, eta: float | None = None, progress: Progress | None = None,
                    **options) -> torch.Tensor:
         """Eq. 3 replayed with the code's noise maps under each prompt, from T - skip -> x_0 latents [K, 4, h, w].
         guidance None: the code's source guidance (none for a code of an empty source prompt: then f(x, t, prompt)).
-        options: those of efddpm.inversion.regenerate (zero_last_noise, reference_direction, noise_edit)."""
+        skip None: T_skip = 36 of 100 scaled to the code's steps. options: those of efddpm.inversion.regenerate
+        (zero_last_noise, reference_direction, noise_edit)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise InputError("give at least one prompt")
+        if not isinstance(code, LatentCode):
+            raise InputError(f"code must be a LatentCode, got {type(code).__name__}")
+        code.check()
+        n = code.num_steps
+        skip = checks.skip(default_skip(n) if skip is None else skip, n, inverted_skip=code.settings["skip"])
+        guidance = None if guidance is None else _guidance_list(guidance, len(prompts))
+        eta = None if eta is None else checks.eta(eta)
         f = self.noise_predictor(progress, graphed=True)
-        return regenerate(f, code.to(self.device), self.encode_prompts(prompts), self.encode_prompts(""), guidance,
-                          skip=skip, eta=eta, **options)  # [K, 4, h, w]
+        latents = regenerate(f, code.to(self.device), self.encode_prompts(prompts), self.encode_prompts(""), guidance,
+                             skip=skip, eta=eta, **options)  # [K, 4, h, w]
+        return self.check_output(latents)
 
     def edit(self, code: LatentCode, target_prompts: str | list[str], *, guidance: float | list[float] | None = None,
-             skip: int = 36, eta: float | None = None, output: str = "pil",
+             skip: int | None = None, eta: float | None = None, output: str = "pil",
              progress: Progress | None = None) -> list[Image.Image] | torch.Tensor:
         """Edited images, one per target prompt: PIL images, or a tensor [K, 3, H, W] in [-1, 1] (output="tensor").
-        guidance: one weight, or one per prompt; None: self.target_guidance."""
+        guidance: one weight, or one per prompt; None: self.target_guidance. skip None: 36 of 100, scaled."""
         guidance = self.target_guidance if guidance is None else guidance
         if output not in ("pil", "tensor"):
-            raise ValueError(f"output must be 'pil' or 'tensor', not {output!r}")
+            raise InputError(f"output must be 'pil' or 'tensor', not {output!r}")
         latents = self.regenerate(code, target_prompts, guidance=guidance, skip=skip, eta=eta, progress=progress)
         images = self.decode(latents)
         return images if output == "tensor" else to_pil(images)

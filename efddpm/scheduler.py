@@ -63,7 +63,7 @@ def alphas_cumprod(cfg: ScheduleConfig = SD1, dtype: torch.dtype = torch.float32
 
 
 def final_alpha_cumprod(abar: Tensor, cfg: ScheduleConfig = SD1) -> float:
-    """abar used as "prev" below the first training step: 1, or abar_0 for SD1.x (pitfall 1)."""
+    """abar used as "prev" below the first training step: 1, or abar_0 for SD1.x (set_alpha_to_one=False)."""
     return 1.0 if cfg.set_alpha_to_one else float(abar[0])
 
 
@@ -96,13 +96,18 @@ def timesteps(num_steps: int, cfg: ScheduleConfig = SD1) -> Tensor:
     t_i = (N-1-i) * (T // N) + steps_offset, i = 0..N-1; SD1.x, N=100: 991, 981, ..., 11, 1.
     """
     T = cfg.num_train_timesteps
-    if not 1 <= num_steps <= T:
-        raise ValueError(f"num_steps must be in 1..{T}, got {num_steps}")
+    if not 1 <= num_steps <= max_steps(cfg):
+        raise ValueError(f"num_steps must be in 1..{max_steps(cfg)}, got {num_steps}")
     ratio = T // num_steps
     ts = (np.arange(num_steps)[::-1] * ratio + cfg.steps_offset).astype(np.int64)
-    if ts[0] >= T:
-        raise ValueError(f"grid reaches t={ts[0]} >= {T} (steps_offset={cfg.steps_offset})")
     return torch.from_numpy(ts.copy())
+
+
+def max_steps(cfg: ScheduleConfig = SD1) -> int:
+    """The most sampling steps whose grid stays inside the training schedule: with steps_offset 1 (SD1.x) the
+    1000-step grid would start at t = 1000, one past the last training timestep 999, so SD1.x allows 999."""
+    T = cfg.num_train_timesteps
+    return max(n for n in range(1, T + 1) if (n - 1) * (T // n) + cfg.steps_offset < T)
 
 
 def previous_timestep(t: int, num_steps: int, cfg: ScheduleConfig = SD1) -> int:
@@ -111,7 +116,7 @@ def previous_timestep(t: int, num_steps: int, cfg: ScheduleConfig = SD1) -> int:
 
 
 def abar_at(abar: Tensor, t: int, cfg: ScheduleConfig = SD1) -> float:
-    """abar_t as a float, with the rule for t < 0 (pitfall 1)."""
+    """abar_t as a float; below t = 0 it is final_alpha_cumprod (abar_0 for SD1.x, not 1)."""
     return float(abar[t]) if t >= 0 else final_alpha_cumprod(abar, cfg)
 
 

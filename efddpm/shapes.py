@@ -41,7 +41,9 @@ DEFAULT_SIZE = 64   # the side of the pictures the default model was trained on 
 CHECKOUT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "efddpm-shapes.safetensors"
 INSTALLED_MODEL = Path(sys.prefix) / "share" / "efddpm" / "weights" / "efddpm-shapes.safetensors"  # pip install .
 DEFAULT_MODEL = INSTALLED_MODEL if INSTALLED_MODEL.is_file() and not CHECKOUT_MODEL.is_file() else CHECKOUT_MODEL
-DEFAULT_TARGET_GUIDANCE = 7.5   # the default model's target guidance: at SD's 15 its edits over-saturate
+# The settings a model of this world recommends over the paper's, written into its file by efddpm.train (the
+# shipped model carries them; Editor reads them from the file): at SD's target guidance 15 its edits over-saturate.
+MODEL_DEFAULTS = {"target_guidance": 7.5}
 
 COLOURS = {  # shape colours, RGB
     "red": (225, 35, 35),

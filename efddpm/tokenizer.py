@@ -12,10 +12,11 @@ The pipeline, run by HuggingFace `tokenizers`:
 Accents are kept, and there is no HTML unescaping or ftfy-style text repair. "<|startoftext|>" and
 "<|endoftext|>" written in a prompt, in any case, become their ids 49406 and 49407.
 
-The vocabulary comes from a diffusers `tokenizer/` folder (vocab.json + merges.txt) or, offline, from the
-merges file shipped in efddpm/data (MIT, OpenAI CLIP via open_clip), from which the 49408-token vocabulary is
-derived as CLIP defines it: the 256 byte characters, the same followed by "</w>", the results of the first
-48894 merges, then <|startoftext|> and <|endoftext|>.
+The vocabulary comes from a diffusers `tokenizer/` folder (tokenizer.json as transformers >= 5 saves it, or
+vocab.json + merges.txt; only the vocabulary and merges are read, the pipeline is always the one above) or,
+offline, from the merges file shipped in efddpm/data (MIT, OpenAI CLIP via open_clip), from which the
+49408-token vocabulary is derived as CLIP defines it: the 256 byte characters, the same followed by "</w>",
+the results of the first 48894 merges, then <|startoftext|> and <|endoftext|>.
 
 Parity. Ids equal transformers 4's `CLIPTokenizerFast` (loaded from an SD tokenizer folder) on all text,
 and its successor, the `CLIPTokenizer` of transformers >= 5 (what diffusers SD pipelines load there), on
@@ -59,6 +60,23 @@ def bundled_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+def _read_tokenizer_json(file: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a BPE tokenizer.json (the rest of it is ours: see the module docstring)."""
+    try:
+        vocab = Tokenizer.from_file(str(file)).get_vocab(with_added_tokens=True)  # also checks the file
+    except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+        raise ValueError(f"{file}: not a readable tokenizer.json ({e})") from None
+    model = json.loads(file.read_text(encoding="utf-8"))["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"{file}: a {model.get('type')} model, CLIP's is BPE")
+    # merges are "a b" strings (tokenizers < 0.20) or [a, b] pairs (later); byte-level tokens hold no space
+    merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
+    bad = next((m for m in merges if len(m) != 2), None)
+    if bad is not None:
+        raise ValueError(f"{file}: merge {bad!r} is not a pair of tokens")
+    return vocab, merges
+
+
 class CLIPTokenizer:
     """Prompts -> LongTensor [B, 77] of CLIP token ids, padded with <|endoftext|>."""
 
@@ -92,11 +110,15 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "CLIPTokenizer":
-        """Read vocab.json and merges.txt from a diffusers checkpoint's `tokenizer/` folder."""
+        """Read the vocabulary and merges of a diffusers checkpoint's `tokenizer/` folder: tokenizer.json when
+        it is there (what transformers >= 5 saves), else vocab.json and merges.txt."""
         path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            return cls(*_read_tokenizer_json(path / "tokenizer.json"))
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} not found: a tokenizer folder needs vocab.json and merges.txt")
+                raise FileNotFoundError(f"{path} has no tokenizer.json, nor vocab.json and merges.txt "
+                                        f"({name} not found)")
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
         merges = []
         for n, line in enumerate((path / "merges.txt").read_text(encoding="utf-8").splitlines(), 1):

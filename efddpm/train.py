@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_single_file(args.out, copy.deepcopy(unet).half(), copy.deepcopy(vae).half(), copy.deepcopy(text).half(),
-                     image_size=shapes.DEFAULT_SIZE)
+                     image_size=shapes.DEFAULT_SIZE, defaults=shapes.MODEL_DEFAULTS)
     stem = args.out.with_suffix("")
     prompts = [p.caption for p in shapes.heldout_pictures(16)]
     picture_grid(sample(unet, vae, text, tokenizer, prompts, SAMPLE_GUIDANCE, args.seed), 8).save(f"{stem}.samples.png")

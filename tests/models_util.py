@@ -10,7 +10,7 @@ from efddpm.tokenizer import bundled_vocab_and_merges
 from efddpm.unet import UNetConfig
 from efddpm.vae import VAEConfig
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "sd1-keys"
+FIXTURES = Path(__file__).parent / "fixtures" / "sd1-keys"  # tensor names and shapes of the real SD1 files
 
 SMALL_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),
                         num_heads=2, context_dim=24, norm_groups=8)

@@ -21,8 +21,6 @@ from efddpm.vae import AutoencoderKL, VAEConfig
 from models_util import (SMALL_UNET, SMALL_VAE, diffusers_unet_config, diffusers_vae_config, fixture_shapes,
                          randomize_, rel_err, transformers_clip_config, write_tokenizer_folder)
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 # Tiny models whose non-inferable settings (heads, norm groups) are SD1.x's, so that files without
 # metadata load into the same configs.
@@ -34,6 +32,17 @@ SD1_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_en
                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
                  "steps_offset": 1, "skip_prk_steps": True}
 REL_TOL = 1e-5
+
+
+# The reference implementations, for the tests that need them (the others run without them).
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -51,7 +60,7 @@ def single_file_tensors(unet, vae, text_encoder) -> dict:
 
 # ---------------------------------------------------------------- renaming rules vs the real SD1 file
 
-def test_diffusers_unet_rules_give_the_sd1_file_layout():
+def test_diffusers_unet_rules_give_the_sd1_file_layout(diffusers):
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(cross_attention_dim=768)  # diffusers' defaults are SD1.x
     config = ckpt.unet_config_from_diffusers(dict(unet.config))
@@ -61,7 +70,7 @@ def test_diffusers_unet_rules_give_the_sd1_file_layout():
 
 
 @pytest.mark.parametrize("old_attention_names", [False, True])
-def test_diffusers_vae_rules_give_the_sd1_file_layout(old_attention_names):
+def test_diffusers_vae_rules_give_the_sd1_file_layout(old_attention_names, diffusers):
     levels = ("DownEncoderBlock2D",) * 4, ("UpDecoderBlock2D",) * 4
     with torch.device("meta"):
         vae = diffusers.AutoencoderKL(down_block_types=levels[0], up_block_types=levels[1],
@@ -80,7 +89,7 @@ def test_diffusers_vae_rules_give_the_sd1_file_layout(old_attention_names):
     assert mapped == fixture_shapes("VAE-v1-SD.txt")
 
 
-def test_transformers_clip_rules_give_the_sd1_file_layout():
+def test_transformers_clip_rules_give_the_sd1_file_layout(transformers):
     config = transformers.CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                                          projection_dim=768, hidden_act="quick_gelu")
     with torch.device("meta"):
@@ -106,7 +115,7 @@ def test_ema_names_and_inferred_configs_match_the_sd1_file():
 # ---------------------------------------------------------------- a genuine diffusers folder
 
 @pytest.fixture(scope="module")
-def hf_models():
+def hf_models(diffusers, transformers):
     """diffusers / transformers twins of the tiny configs, with random weights."""
     unet = randomize_(diffusers.UNet2DConditionModel(**diffusers_unet_config(TINY_UNET)), seed=1)
     vae = randomize_(diffusers.AutoencoderKL(**diffusers_vae_config(TINY_VAE)), seed=2)
@@ -157,6 +166,42 @@ def test_diffusers_folder_gives_the_diffusers_outputs(loaded, hf_models):
     assert rel_err(loaded.vae.decode(z), vae.decode(z).sample) < REL_TOL
     ids = torch.randint(0, 49408, (2, 77), generator=gen)
     assert rel_err(loaded.text_encoder(ids), clip(ids).last_hidden_state) < REL_TOL
+
+
+# ---------------------------------------------------------------- a folder saved by diffusers itself
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory, hf_models, diffusers, transformers):
+    """The tiny models saved by StableDiffusionPipeline.save_pretrained of the installed diffusers/transformers
+    (with transformers >= 5: tokenizer/ holds tokenizer.json and tokenizer_config.json, no vocab.json)."""
+    tmp = tmp_path_factory.mktemp("saved")
+    unet, vae, clip = hf_models
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_tokenizer_folder(tmp / "tokenizer-source"))
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tokenizer, unet=unet,
+                                             scheduler=diffusers.PNDMScheduler.from_config(SD1_SCHEDULER),
+                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp / "sd")
+    return tmp / "sd"
+
+
+@torch.no_grad()
+def test_folder_saved_by_diffusers_loads_and_tokenizes_as_transformers(saved_pipeline, hf_models, transformers):
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert not (saved_pipeline / "tokenizer" / "vocab.json").exists()  # the case this test is for
+    models = load(saved_pipeline)
+    reference = transformers.CLIPTokenizer.from_pretrained(saved_pipeline / "tokenizer")
+    prompts = ["a photo of a cat", "A Photo Of A CAT, McDonald's", "café naïve, über Ångström", "emoji 😀 👍🏽 🎉",
+               "中文 你好, 한국어", "  spaces\tand\nlines ", "it's they're I'm", "(detailed:1.2), 8k " * 20]
+    expected = reference(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    assert models.tokenizer(prompts).tolist() == expected
+    unet, vae, clip = hf_models
+    gen = torch.Generator().manual_seed(0)
+    x, context, t = torch.randn(1, 4, 16, 16, generator=gen), torch.randn(1, 77, 48, generator=gen), torch.tensor([10])
+    assert rel_err(models.unet(x, t, context), unet(x, t, encoder_hidden_states=context).sample) < REL_TOL
+    image = torch.randn(1, 3, 32, 32, generator=gen)
+    assert rel_err(models.vae.encode(image).mean, vae.encode(image).latent_dist.mean) < REL_TOL
+    ids = torch.tensor(expected)
+    assert rel_err(models.text_encoder(ids), clip(ids).last_hidden_state) < REL_TOL
 
 
 def files_read(monkeypatch) -> list[str]:
@@ -519,6 +564,12 @@ def test_folders_of_other_kinds_are_refused(tmp_path, folder, hf_models):
     with pytest.raises(CheckpointError, match=r"empty: not a diffusers Stable Diffusion folder, missing unet/, "
                                               r"vae/, text_encoder/, tokenizer/"):
         load(tmp_path / "empty")
+    no_tokenizer = shutil.copytree(folder, tmp_path / "no-tokenizer")
+    for f in (no_tokenizer / "tokenizer").iterdir():
+        f.unlink()
+    with pytest.raises(CheckpointError, match=r"no-tokenizer: tokenizer: .* has no tokenizer\.json, nor "
+                                              r"vocab\.json and merges\.txt \(vocab\.json not found\)"):
+        load(no_tokenizer)
     no_weights = shutil.copytree(folder, tmp_path / "no-weights")
     (no_weights / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"no weights in vae/ \(looked for diffusion_pytorch_model\.safetensors"):

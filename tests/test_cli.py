@@ -16,35 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from efddpm import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, VAEConfig, save_single_file
 from efddpm.cli import main
 from efddpm.images import load_image, to_pil
 from efddpm.pipeline import Editor
 
-from inversion_util import SMALL
-from models_util import randomize_
-
 FAST = ["--steps", "12", "--skip", "4", "--quiet"]  # few steps: these tests check the plumbing, not the method
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A small SD1.x-layout model (random weights) for 32x32 pictures, as one official-layout file."""
-    path = tmp_path_factory.mktemp("model") / "tiny-sd.safetensors"
-    unet = UNet(SMALL)
-    vae = AutoencoderKL(VAEConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
-    text = CLIPTextModel(CLIPTextConfig(width=32, layers=1, heads=2, mlp_width=64))
-    save_single_file(path, *(randomize_(m, seed) for seed, m in enumerate((unet, vae, text))), image_size=32)
-    return path
-
-
-@pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("pictures") / "red.png"
-    img = Image.new("RGB", (48, 40), (255, 255, 255))
-    img.paste((220, 30, 30), (10, 8, 30, 28))
-    img.save(path)
-    return path
 
 
 def efddpm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -109,7 +85,9 @@ def test_shift_and_recolor(tmp_path, model, picture):
     assert r.returncode == 0, r.stderr
     assert metadata(tmp_path / "red_shift_0_2.png")["dx"] == 2
     mask = tmp_path / "mask.png"
-    Image.new("L", (48, 40), 0).save(mask)
+    m = Image.new("L", (48, 40), 0)
+    m.paste(255, (10, 8, 30, 28))                                  # the red square
+    m.save(mask)
     r = efddpm("recolor", picture, "--source", "a red square", "--mask", mask, "--color", "#0000ff", "--t-range", "1",
                "6", "--seed", "1", "--model", model, "--out", tmp_path, *FAST[:2], "--quiet")
     assert r.returncode == 0, r.stderr
@@ -174,9 +152,9 @@ def bad_inputs(tmp: Path, picture: Path, model: Path) -> dict:
         "unknown model": (edit[:-4] + ["--model", str(tmp / "missing.safetensors"), "--out", str(tmp / "new")],
                           "no such file or folder"),
         "skip >= steps": (edit + ["--steps", "10", "--skip", "10"], "--skip must be in 0..9"),
-        "steps < 1": (edit + ["--steps", "0"], "--steps must be at least 1"),
-        "negative source guidance": (edit + ["--cfg-src", "-1"], "--cfg-src must not be negative"),
-        "negative target guidance": (edit + ["--cfg-tgt", "-2"], "--cfg-tgt must not be negative"),
+        "steps < 1": (edit + ["--steps", "0"], "--steps must be in 1..999, got 0"),
+        "negative source guidance": (edit + ["--cfg-src", "-1"], "--cfg-src must be in [0, 100], got -1"),
+        "negative target guidance": (edit + ["--cfg-tgt", "-2"], "--cfg-tgt must be in [0, 100], got -2"),
         "eta above 1": (edit + ["--eta", "1.5"], "--eta must be in [0, 1]"),
         "eta below 0": (edit + ["--eta", "-0.1"], "--eta must be in [0, 1]"),
         "output folder is a file": (edit[:-1] + [str(tmp / "a-file" / "sub")], "is not a directory"),

@@ -3,6 +3,7 @@ determinism, saving, and parity with a literal transcription of the authors' loo
 import pytest
 import torch
 
+from efddpm.defaults import default_skip
 from efddpm import inversion as I
 from efddpm import scheduler as S
 from efddpm.toy import TOY_SCHEDULE, gaussian_noise_predictor
@@ -31,7 +32,7 @@ def test_exact_reconstruction_small_unet(dtype, method):
     print(f"\n{method.__name__} {dtype}: max |x0 - regenerate| = {err:.3g}")
     assert err <= TOL[dtype]
     # a skipped start (editing's T_skip) lies on the same trajectory: still exact
-    out36 = I.regenerate(f, code, conds[:1], uncond, 3.5, skip=I.default_skip(n))
+    out36 = I.regenerate(f, code, conds[:1], uncond, 3.5, skip=default_skip(n))
     assert float((out36 - x0).abs().max()) <= TOL[dtype]
     # and the prompt matters: another prompt gives another image
     other = I.regenerate(f, code, conds[1:2], uncond, 3.5)
@@ -53,7 +54,7 @@ def test_exact_reconstruction_toy_with_guidance(dtype):
 
 
 def test_zero_last_noise_error_is_sigma1_z1():
-    """The authors' zs[0] = 0: the output misses exactly sigma_1 z_1 (SPEC)."""
+    """The authors' zs[0] = 0 makes the last step deterministic: the output misses exactly sigma_1 z_1."""
     f = unet_predictor()
     uncond, conds = prompts()
     x0 = latent()
@@ -72,7 +73,7 @@ def test_zero_last_noise_error_is_sigma1_z1():
 
 
 def test_fp16_network_noise_kept_in_float32():
-    """Pitfall 4: a network answering in fp16 still gets eq. 5 in float32, and reconstructs."""
+    """A network answering in fp16 still gets eq. 5 (divide by sigma_t ~ 0.02) in float32, and reconstructs."""
     f32 = unet_predictor(torch.float32)
 
     def f16(x, t, c):
@@ -128,7 +129,7 @@ def test_several_targets_in_one_batch():
 
 
 def test_edit_defaults():
-    assert I.default_skip(100) == 36
+    assert default_skip(100) == 36
     f = unet_predictor()
     uncond, conds = prompts()
     code = I.edit_friendly_inversion(f, latent(), conds[:1], uncond, num_steps=25,
@@ -298,7 +299,7 @@ def test_audit_options_reproduce_the_authors_code(eta, n):
     scale = float(zs_ref.abs().max())
     assert float((code.zs[:, 0] - zs_ref).abs().max()) <= 1e-10 * scale
     assert float((code.xts[:, 0] - xts_ref).abs().max()) <= 1e-10
-    for skip in (0, I.default_skip(n)):
+    for skip in (0, default_skip(n)):
         ref = reference_reverse(sched, f, xts_ref[n - skip], uncond, conds[1:2], 15.0, eta,
                                 zs_ref[:n - skip])
         ours = I.edit(f, code, conds[1:2], uncond, 15.0, skip=skip)           # audit options from code

@@ -6,28 +6,32 @@ import torch
 
 from efddpm import scheduler as S
 
-diffusers = pytest.importorskip("diffusers")
-
 SD1_DIFFUSERS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                      steps_offset=1)
 
 
-def ddim(num_steps=None):
+@pytest.fixture(scope="module")
+def diffusers():
+    """The reference, for the tests that need it (the others run without it)."""
+    return pytest.importorskip("diffusers")
+
+
+def ddim(diffusers, num_steps=None):
     s = diffusers.DDIMScheduler(**SD1_DIFFUSERS)
     if num_steps:
         s.set_timesteps(num_steps)
     return s
 
 
-def test_training_tables_equal_diffusers():
-    ref = ddim()
+def test_training_tables_equal_diffusers(diffusers):
+    ref = ddim(diffusers)
     abar = S.alphas_cumprod()
     assert abar.dtype == torch.float32
     assert (S.betas() - ref.betas).abs().max() <= 1e-7
     assert (abar - ref.alphas_cumprod).abs().max() <= 1e-7
     assert abs(S.final_alpha_cumprod(abar) - float(ref.final_alpha_cumprod)) <= 1e-7
-    assert abs(S.final_alpha_cumprod(abar) - 0.99915) < 1e-6           # abar_0, not 1 (pitfall 1)
+    assert abs(S.final_alpha_cumprod(abar) - 0.99915) < 1e-6           # prev below t = 0 is abar_0, not 1
     # float64 tables agree with the float32 ones to float32 precision
     assert (S.alphas_cumprod(dtype=torch.float64) - abar.double()).abs().max() <= 1e-6
     lin = diffusers.DDPMScheduler(beta_schedule="linear")              # 1e-4 .. 0.02, the toy's
@@ -36,8 +40,8 @@ def test_training_tables_equal_diffusers():
 
 
 @pytest.mark.parametrize("num_steps", [10, 50, 100, 250])
-def test_grid_and_posterior_variance_equal_ddim(num_steps):
-    ref = ddim(num_steps)
+def test_grid_and_posterior_variance_equal_ddim(num_steps, diffusers):
+    ref = ddim(diffusers, num_steps)
     abar = S.alphas_cumprod()
     ts = S.timesteps(num_steps)
     assert torch.equal(ts, ref.timesteps)
@@ -56,10 +60,10 @@ def test_grid_sd1_100_steps():
     abar = S.alphas_cumprod()
     last = S.step_coefficients(abar, 1, 100)
     assert last.t_prev == -9 and last.abar_prev == S.final_alpha_cumprod(abar)
-    assert 0.020 < last.sigma < 0.021                                      # SPEC: sigma_1 ~ 0.0206
+    assert 0.020 < last.sigma < 0.021                                      # sigma_1 ~ 0.0206 (docs/numerics.md)
 
 
-def test_posterior_variance_equals_ddpm():
+def test_posterior_variance_equals_ddpm(diffusers):
     """DDPMScheduler's posterior variance: stride 1 over the whole table, and on the strided grid
     for every step whose prev >= 0 (its last step uses abar_prev = 1 where SD1.x uses abar_0)."""
     abar = S.alphas_cumprod()
@@ -80,10 +84,10 @@ def test_posterior_variance_equals_ddpm():
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_step_equals_ddim_step(eta):
+def test_step_equals_ddim_step(eta, diffusers):
     """eq. 3-4 against DDIMScheduler.step (which uses the paper's sigma_t^2 inside D)."""
     n = 50
-    ref = ddim(n)
+    ref = ddim(diffusers, n)
     abar = S.alphas_cumprod()
     g = torch.Generator().manual_seed(0)
     for t in S.timesteps(n).tolist()[::7] + [1]:
@@ -123,7 +127,7 @@ def test_marginal_is_forward_chain_composed():
     assert torch.allclose(S.marginal(x0[:5], 0.3, eps), math.sqrt(0.3) * x0[:5] + math.sqrt(0.7) * eps)
 
 
-def test_check_alphas_cumprod():
+def test_check_alphas_cumprod(diffusers):
     S.check_alphas_cumprod(diffusers.DDIMScheduler(**SD1_DIFFUSERS).alphas_cumprod)   # passes
     S.check_alphas_cumprod(S.alphas_cumprod(dtype=torch.float64))
     with pytest.raises(ValueError, match="differs"):

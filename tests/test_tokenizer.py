@@ -1,9 +1,9 @@
 """CLIP tokenizer: the vocabulary derived from the shipped merges, the 77-id framing, and ids equal to transformers'."""
+import json
 import random
 
 import pytest
 import torch
-import transformers
 
 from efddpm.tokenizer import BOS, EOS, CLIPTokenizer, bundled_vocab_and_merges
 
@@ -50,14 +50,40 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(folder):
+    transformers = pytest.importorskip("transformers")
     # CLIPTokenizerFast is what transformers >= 5 also calls CLIPTokenizer; in 4.x CLIPTokenizer is the
     # pure-Python one, which differs on CJK and control characters (see efddpm/tokenizer.py)
     return transformers.CLIPTokenizerFast.from_pretrained(folder)
 
 
-@pytest.fixture(scope="module", params=["bundled", "from_folder"])
-def tok(request, folder):
-    return CLIPTokenizer.bundled() if request.param == "bundled" else CLIPTokenizer.from_folder(folder)
+@pytest.fixture(scope="module")
+def json_folder(tmp_path_factory, reference):
+    """The tokenizer/ folder as transformers saves it, reduced to tokenizer.json (all that transformers >= 5
+    writes besides tokenizer_config.json; its merges are [a, b] pairs)."""
+    path = tmp_path_factory.mktemp("tokenizer-json")
+    reference.save_pretrained(path)
+    for name in ("vocab.json", "merges.txt"):  # written by transformers 4 only
+        (path / name).unlink(missing_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def string_merges_folder(tmp_path_factory, json_folder):
+    """The same tokenizer.json with its merges as "a b" strings, as tokenizers < 0.20 wrote them."""
+    data = json.loads((json_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    path = tmp_path_factory.mktemp("tokenizer-json-strings")
+    (path / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module", params=["bundled", "from_folder", "tokenizer_json", "tokenizer_json_string_merges"])
+def tok(request):
+    if request.param == "bundled":
+        return CLIPTokenizer.bundled()
+    folder = {"from_folder": "folder", "tokenizer_json": "json_folder",
+              "tokenizer_json_string_merges": "string_merges_folder"}[request.param]
+    return CLIPTokenizer.from_folder(request.getfixturevalue(folder))
 
 
 def reference_ids(reference, prompts):
@@ -161,4 +187,7 @@ def test_from_folder_errors(tmp_path, folder):
         CLIPTokenizer.from_folder(tmp_path)
     (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nthree tokens here\n", encoding="utf-8")
     with pytest.raises(ValueError, match="line 3"):
+        CLIPTokenizer.from_folder(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}", encoding="utf-8")  # read first when present
+    with pytest.raises(ValueError, match="not a readable tokenizer.json"):
         CLIPTokenizer.from_folder(tmp_path)

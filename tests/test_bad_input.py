@@ -1,0 +1,382 @@
+"""Bad input never crashes and never lies: one case per class of input that once ended in a traceback or a
+silently wrong output.
+
+Command line: exit code 2, one line `efddpm: error: ...` naming the problem, no traceback, nothing written.
+API: the exception type (InputError, a ValueError) and the same words. The small random model of conftest.py
+serves most cases; the embedded shapes model those that depend on its architecture (picture sides).
+"""
+import errno
+import json
+import os
+import re
+import stat
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from efddpm import shapes
+from efddpm.atomic import OutputError, Outputs
+from efddpm.checks import InputError
+from efddpm.cli import main
+from efddpm.images import ImageError, LargeImageWarning, open_image
+from efddpm.inversion import LatentCode
+from efddpm.pipeline import Editor
+
+FAST = ["--steps", "12", "--skip", "4", "--quiet"]
+EMBEDDED = shapes.DEFAULT_MODEL
+
+
+def run_cli(capsys, argv) -> tuple[int, list[str]]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def tree(folder: Path) -> list:
+    return sorted((str(p.relative_to(folder)), p.is_dir()) for p in folder.rglob("*"))
+
+
+def assert_refused(capsys, argv, words, folder: Path):
+    before = tree(folder)
+    code, err = run_cli(capsys, argv)
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("efddpm: error: ") and words in err[0], err
+    assert "Traceback" not in err[0]
+    assert tree(folder) == before
+
+
+# ------------------------------------------------------------------------------- latent codes, damaged
+
+@pytest.fixture(scope="module")
+def code_file(tmp_path_factory, model, picture) -> Path:
+    """A genuine latent code of the small model, inverted for edits with skip >= 4 (12 steps)."""
+    path = tmp_path_factory.mktemp("codes") / "red.safetensors"
+    assert main(["invert", str(picture), "--source", "a red square", "-o", str(path), "--seed", "0", "--model",
+                 str(model), "--steps", "12", "--quiet"]) == 0
+    editor = Editor.from_pretrained(str(model))
+    code = editor.invert(picture, "a red square", steps=12, skip=4, seed=0)
+    code.settings["model"] = str(model)
+    code.save(path.with_name("skip4.safetensors"))
+    return path
+
+
+def altered(code_file: Path, folder: Path, change) -> Path:
+    """A copy of the code file whose settings (a dict) went through change(settings) (or tensors, a dict)."""
+    with safe_open(code_file, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    settings = json.loads(meta["efddpm.latent_code"])
+    change(settings, tensors)
+    path = folder / "altered.safetensors"
+    save_file(tensors, path, metadata={"efddpm.latent_code": json.dumps(settings)})
+    return path
+
+
+def delete(key):
+    return lambda s, t: s.pop(key)
+
+
+def setting(key, value):
+    return lambda s, t: s.__setitem__(key, value)
+
+
+CODE_DAMAGE = {   # name -> (change, words of the message)
+    "eta deleted": (delete("eta"), "settings lack 'eta'"),
+    "method deleted": (delete("method"), "settings lack 'method'"),
+    "schedule deleted": (delete("schedule"), "settings lack 'schedule'"),
+    "skip deleted": (delete("skip"), "settings lack 'skip'"),
+    "num_steps altered": (setting("num_steps", 50), "zs is [12, 1, 4, 16, 16]"),
+    "eta not a number": (setting("eta", "one"), "setting 'eta' has the wrong type"),
+    "eta out of range": (setting("eta", 2.0), "eta must be in [0, 1]"),
+    "guidance NaN": (setting("guidance", "NaN"), "setting 'guidance' has the wrong type"),
+    "unknown schedule kind": (setting("schedule", {"kind": "cosine"}), "bad settings"),
+    "dtype altered": (setting("dtype", "float16"), "expected [1, 4, 16, 16] torch.float16"),
+    "method unknown": (setting("method", "magic"), "unknown method 'magic'"),
+    "tensor missing": (lambda s, t: t.pop("zs"), "is not an efddpm latent code"),
+    "noise map NaN": (lambda s, t: t["zs"][3].fill_(float("nan")), "NaN or infinite"),
+    "timesteps altered": (lambda s, t: t["timesteps"].add_(1), "not the 12-step grid"),
+}
+
+
+@pytest.mark.parametrize("case", list(CODE_DAMAGE))
+def test_regenerate_refuses_a_damaged_latent_code(tmp_path, capsys, code_file, case):
+    change, words = CODE_DAMAGE[case]
+    path = altered(code_file, tmp_path, change)
+    assert_refused(capsys, ["regenerate", path, "--target", "x", "--out", tmp_path / "out", "--quiet"], words, tmp_path)
+    with pytest.raises(InputError, match=re.escape(words)):
+        LatentCode.load(path)
+
+
+def test_regenerate_below_the_codes_inverted_skip(tmp_path, capsys, code_file):
+    path = code_file.with_name("skip4.safetensors")
+    assert_refused(capsys, ["regenerate", path, "--target", "x", "--skip", "2", "--out", tmp_path, "--quiet"],
+                   "--skip must be at least 4 for this latent code", tmp_path)
+    with pytest.raises(InputError, match="skip must be at least 4"):
+        Editor.from_pretrained(LatentCode.load(path).settings["model"]).edit(LatentCode.load(path), "x", skip=2)
+
+
+# ------------------------------------------------------------------------------- the command line
+
+def cli_cases(tmp: Path, picture: Path, model: Path) -> dict:
+    """name -> (argv, words of the one-line message)."""
+    black = tmp / "black-mask.png"
+    Image.new("L", (48, 40), 0).save(black)
+    clear = tmp / "clear-mask.png"
+    Image.new("RGBA", (48, 40), (255, 255, 255, 0)).save(clear)
+    (tmp / "edits.yaml").write_text("- image: red.png\n  source: a\n  targets: [b]\n")
+    (tmp / "unknown-key.json").write_text(json.dumps([{"image": str(picture), "source": "a", "targets": ["b"],
+                                                       "guidance": 3}]))
+    base = ["edit", picture, "--source", "a red square", "--target", "x", "--model", model, "--out", tmp / "out"]
+    edit = base + FAST
+    embedded = ["edit", picture, "--target", "x", "--out", tmp / "out", *FAST]
+    recolor = ["recolor", picture, "--color", "#0000ff", "--t-range", "1", "6", "--model", model, "--out", tmp / "out",
+               *FAST[:2], "--quiet"]
+    shift = ["shift", picture, "--model", model, "--out", tmp / "out", *FAST[:2], "--quiet"]
+    return {
+        # silent wrong outputs
+        "target guidance NaN": (edit + ["--cfg-tgt", "nan"], "--cfg-tgt must be a finite number, got nan"),
+        "source guidance inf": (edit + ["--cfg-src", "inf"], "--cfg-src must be a finite number, got inf"),
+        "target guidance 1e30": (edit + ["--cfg-tgt", "1e30"], "--cfg-tgt must be in [0, 100], got 1e+30"),
+        "strength NaN": (recolor + ["--mask", picture, "--strength", "nan"], "--strength must be a finite number"),
+        "all-black mask": (recolor + ["--mask", black], "the mask marks nothing"),
+        "transparent mask": (recolor + ["--mask", clear], "the mask marks nothing"),
+        # tracebacks
+        "1000 steps": (base + ["--steps", "1000", "--quiet"], "--steps must be in 1..999, got 1000"),
+        "size 24 on the embedded model": (embedded + ["--size", "24"], "--size must be a multiple of 16"),
+        "size 8 on the embedded model": (embedded + ["--size", "8"], "--size must be a multiple of 16"),
+        "size 40 on the embedded model": (embedded + ["--size", "40"], "--size must be a multiple of 16"),
+        "size 2048 on the embedded model": (embedded + ["--size", "2048"], "--size 2048 needs about"),
+        "size 100000 on the embedded model": (embedded + ["--size", "100000"], "--size 100000 needs about"),
+        "device bogus": (edit + ["--device", "bogus"], "--device 'bogus' is not a device"),
+        "seed beyond 64 bits": (edit + ["--seed", "99999999999999999999999"], "--seed must be in 0.."),
+        "shift beyond the picture": (shift + ["--dx", "99999999999999999999999"], "--dx must be in -15..15"),
+        "output name is a folder, with --overwrite": (["edit", picture, "--target", "x", "--model", model, "--out",
+                                                      tmp, "--overwrite", *FAST], "is a folder"),
+        # rough edges
+        "YAML batch file": (["batch", tmp / "edits.yaml", "--model", model], "unknown type '.yaml'"),
+        "unknown key in a batch entry": (["batch", tmp / "unknown-key.json", "--model", model],
+                                         "entry 1 has unknown key 'guidance'"),
+    }
+
+
+CLI_CASES = ["target guidance NaN", "source guidance inf", "target guidance 1e30", "strength NaN", "all-black mask",
+             "transparent mask", "1000 steps", "size 24 on the embedded model", "size 8 on the embedded model",
+             "size 40 on the embedded model", "size 2048 on the embedded model", "size 100000 on the embedded model",
+             "device bogus", "seed beyond 64 bits", "shift beyond the picture",
+             "output name is a folder, with --overwrite", "YAML batch file", "unknown key in a batch entry"]
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_refuses(tmp_path, capsys, picture, model, case):
+    if "embedded" in case and not EMBEDDED.is_file():
+        pytest.skip(f"{EMBEDDED} not present")
+    argv, words = cli_cases(tmp_path, picture, model)[case]
+    if case.startswith("output name is a folder"):
+        Image.open(picture).save(tmp_path / "pic.png")
+        (tmp_path / "pic_1.png").mkdir()
+        argv[1] = tmp_path / "pic.png"
+    assert_refused(capsys, argv, words, tmp_path)
+
+
+# ------------------------------------------------------------------------------- all or nothing
+
+def test_disk_full_after_the_first_png_leaves_nothing(tmp_path, capsys, picture, model, monkeypatch):
+    """ENOSPC while writing the second of two PNGs: neither appears, no temporary file is left."""
+    import efddpm.cli
+    real, calls = efddpm.cli.png_writer, []
+
+    def writer(img, metadata):
+        write = real(img, metadata)
+
+        def fill(tmp):
+            calls.append(tmp)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(tmp)
+        return fill
+    monkeypatch.setattr(efddpm.cli, "png_writer", writer)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, ["edit", picture, "--target", "a", "--target", "b", "--model", model, "--out", out,
+                                 *FAST])
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert len(calls) == 2 and list(out.iterdir()) == []
+
+
+def test_a_folder_in_the_way_of_the_second_png_is_refused_before_any_work(tmp_path, capsys, picture, model):
+    (tmp_path / "red_2.png").mkdir()
+    for extra in ([], ["--overwrite"]):
+        assert_refused(capsys, ["edit", picture, "--target", "a", "--target", "b", "--model", model, "--out", tmp_path,
+                                *FAST, *extra], "red_2.png is a folder", tmp_path)
+
+
+def test_two_runs_never_silently_replace_each_other(tmp_path):
+    """A name created by another run between the check and the move: the move fails, the other file stays,
+    and what this run had already placed is taken back."""
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    out = Outputs(overwrite=False)
+    out.write(first, lambda tmp: tmp.write_bytes(b"mine 1"))
+    out.write(second, lambda tmp: tmp.write_bytes(b"mine 2"))
+    second.write_bytes(b"the other run's")
+    with pytest.raises(OutputError, match="another run wrote it meanwhile"):
+        out.commit()
+    assert not first.exists() and second.read_bytes() == b"the other run's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png"]
+
+
+def test_overwrite_is_all_or_nothing_too(tmp_path):
+    """With overwrite, a failure after replacing the first file puts the old one back."""
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    first.write_bytes(b"old")
+    out = Outputs(overwrite=True)
+    out.write(first, lambda tmp: tmp.write_bytes(b"new"))
+    out.write(second, lambda tmp: tmp.write_bytes(b"new 2"))
+    second.mkdir()                         # appears meanwhile: the move of b.png fails
+    with pytest.raises(OutputError, match="is a folder"):
+        out.commit()
+    assert first.read_bytes() == b"old" and second.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
+def test_interrupted_batch_says_what_was_kept_and_the_rerun_says_what_to_do(tmp_path, capsys, picture, model,
+                                                                             monkeypatch):
+    second = tmp_path / "blue.png"
+    Image.open(picture).save(second)
+    listing = tmp_path / "edits.json"
+    listing.write_text(json.dumps([{"image": str(picture), "targets": ["a"]}, {"image": str(second), "targets": ["b"]}]))
+    calls = []
+    real = Editor.edit
+
+    def edit_then_stop(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Editor, "edit", edit_then_stop)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, ["batch", listing, "--model", model, "--out", out, "--seed", "0", *FAST])
+    assert code == 130 and err == ["efddpm: interrupted; 1 of 2 entries were finished and written; rerunning the "
+                                   "batch refuses their outputs unless --overwrite"]
+    assert sorted(p.name for p in out.iterdir()) == ["red_1.png"]
+    monkeypatch.setattr(Editor, "edit", real)
+    assert_refused(capsys, ["batch", listing, "--model", model, "--out", out, "--seed", "0", *FAST],
+                   "an earlier run of this batch may have finished these entries: pass --overwrite", tmp_path)
+
+
+def test_interrupted_message_starts_its_own_line(tmp_path, capsys, picture, model, monkeypatch):
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Editor, "edit", stop)
+    code = main([str(a) for a in ["edit", picture, "--target", "x", "--model", model, "--out", tmp_path,
+                                  "--steps", "12", "--skip", "4"]])   # not --quiet: the progress bar is drawn
+    err = capsys.readouterr().err
+    assert code == 130
+    last = err.rstrip("\n").split("\n")[-1].split("\r")[-1]
+    assert last == "efddpm: interrupted; nothing was written", repr(err[-200:])
+
+
+# ------------------------------------------------------------------------------- metadata and modes
+
+def test_grid_metadata_records_every_seed_and_guidance(tmp_path, picture, model):
+    assert main([str(a) for a in ["edit", picture, "--target", "a", "--target", "b", "--cfg-tgt", "7.5", "3.5",
+                                  "--num-inversions", "3", "--seed", "5", "--grid", "--model", model, "--out",
+                                  tmp_path, *FAST]]) == 0
+    with Image.open(tmp_path / "red_grid.png") as img:
+        meta = json.loads(img.text["efddpm"])
+    assert [(t["seed"], t["target"], t["cfg_tgt"]) for t in meta["tiles"]] == [
+        (s, t, g) for s in (5, 6, 7) for t, g in (("a", 7.5), ("b", 3.5))]
+    assert [inv["seed"] for inv in meta["inversions"]] == [5, 6, 7]
+
+
+def test_outputs_get_the_umask_mode(tmp_path, picture, model):
+    old = os.umask(0o027)
+    try:
+        assert main([str(a) for a in ["edit", picture, "--target", "a", "--model", model, "--out", tmp_path,
+                                      *FAST]]) == 0
+        assert main([str(a) for a in ["invert", picture, "-o", tmp_path / "c.safetensors", "--model", model,
+                                      *FAST[:2], "--quiet"]]) == 0
+    finally:
+        os.umask(old)
+    for name in ("red_1.png", "c.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+
+
+@pytest.mark.skipif(not EMBEDDED.is_file(), reason=f"{EMBEDDED} not present")
+def test_a_copy_of_the_embedded_model_keeps_its_target_guidance(tmp_path):
+    copy = tmp_path / "my-copy.safetensors"
+    copy.write_bytes(EMBEDDED.read_bytes())
+    assert Editor.from_pretrained(str(copy)).target_guidance == 7.5
+
+
+def test_large_image_warning_is_one_line_of_ours_once(tmp_path, capsys, model, monkeypatch):
+    """Within our limit but past Pillow's decompression-bomb threshold: one line of ours, however often the
+    image is opened, instead of Pillow's raw warning two or three times."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)      # a 48x40 picture is "large" for the test
+    path = tmp_path / "big.png"
+    Image.new("RGB", (48, 40), (200, 10, 10)).save(path)
+    assert main([str(a) for a in ["edit", path, "--target", "x", "--model", model, "--out", tmp_path / "o",
+                                  *FAST]]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert err == [f"efddpm: warning: {path} is 48x40 (0 megapixels): decoding it takes time and memory"], err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        open_image(path)
+    assert [w.category for w in caught] == [LargeImageWarning]
+
+
+# ------------------------------------------------------------------------------- the API
+
+@pytest.fixture(scope="module")
+def editor(model):
+    return Editor.from_pretrained(str(model))
+
+
+@pytest.fixture(scope="module")
+def api_code(editor, picture):
+    return editor.invert(picture, "a red square", steps=12, seed=0)
+
+
+def test_api_refuses_non_finite_and_out_of_range_numbers(editor, picture, api_code):
+    for kwargs, words in (({"guidance": float("nan")}, "guidance must be a finite number"),
+                          ({"guidance": 1e30}, "guidance must be in [0, 100]"),
+                          ({"guidance": [1.0, 2.0, 3.0]}, "guidance takes one value or one per prompt (2)"),
+                          ({"skip": 12}, "skip must be in 0..11"),
+                          ({"eta": 1.5}, "eta must be in [0, 1]")):
+        with pytest.raises(InputError, match=re.escape(words)):
+            editor.edit(api_code, ["a", "b"], **kwargs)
+    for kwargs, words in (({"seed": 2 ** 70}, "seed must be in 0.."), ({"steps": 1000}, "steps must be in 1..999"),
+                          ({"guidance": float("inf")}, "guidance must be a finite number"),
+                          ({"seed": 1, "noise": torch.zeros(12, 1, 4, 16, 16)}, "at most one of seed, generator"),
+                          ({"noise": torch.zeros(11, 1, 4, 16, 16)}, "noise must have shape [12, 1, 4, 16, 16]")):
+        with pytest.raises(InputError, match=re.escape(words)):
+            editor.invert(picture, "a red square", **{"steps": 12, **kwargs})
+    with pytest.raises(InputError, match="'bogus' is not a device"):
+        Editor.from_pretrained("whatever", device="bogus")
+
+
+def test_api_image_tensors_uint8_is_read_as_0_to_255_nan_and_range_are_refused(editor, picture):
+    """Once a uint8 [3, H, W] tensor silently became an all-white picture."""
+    x0, _ = editor.encode_image(picture)
+    array = np.array(Image.open(picture).convert("RGB"))
+    from_uint8, _ = editor.encode_image(torch.from_numpy(array).permute(2, 0, 1))
+    assert torch.equal(from_uint8, x0)
+    floats = torch.from_numpy(array).permute(2, 0, 1).float()
+    for bad, words in ((floats.clone().fill_(float("nan")), "NaN or infinite"),
+                       (floats.clone().fill_(float("inf")), "NaN or infinite"),
+                       (floats, r"floating image tensors must lie in \[0, 1\]")):
+        with pytest.raises(ImageError, match=words):
+            editor.encode_image(bad)
+
+
+@pytest.mark.skipif(not EMBEDDED.is_file(), reason=f"{EMBEDDED} not present")
+def test_api_refuses_picture_sides_the_model_cannot_run(picture):
+    shapes_editor = Editor.from_pretrained(str(EMBEDDED))
+    for size in (8, 24, 40, 72):
+        with pytest.raises(InputError, match=f"size must be a multiple of 16 for this model .* got {size}"):
+            shapes_editor.encode_image(picture, size)
+    with pytest.raises(InputError, match="size 2048 needs about"):
+        shapes_editor.encode_image(picture, 2048)
