@@ -90,8 +90,6 @@ class Editor:
         device = checks.device(device)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise InputError(f"dtype must be a floating torch dtype, got {dtype!r}")
-        if dtype == torch.float16 and device.type == "cpu":
-            raise InputError("dtype float16 needs a CUDA device (use float32 or bfloat16 on the CPU)")
         models = load(source, device=device, dtype=dtype, revision=revision, offline=offline)
         check_schedule(models)
         fast = device.type == "cuda"

@@ -1,6 +1,8 @@
 """The 2-D toy (paper Fig. 3) and the noise statistics (paper Fig. 4)."""
 
+import numpy as np
 import torch
+from PIL import Image
 
 from efddpm import inversion as I
 from efddpm import noise_stats as N
@@ -40,7 +42,7 @@ def test_toy_predictor_is_the_mmse_one():
             assert float(((c * pred - eps) ** 2).mean()) > mse
 
 
-def test_toy_statistics_and_plot(tmp_path):
+def test_toy_statistics():
     res = run_toy(num_points=200, num_steps=100, seed=0)
     assert float((I.regenerate(gaussian_noise_predictor(), res.edit_friendly) - res.x0).abs().max()) <= 1e-10
     nat, ef = res.stats["native"], res.stats["edit_friendly"]
@@ -54,11 +56,44 @@ def test_toy_statistics_and_plot(tmp_path):
     assert ef["mean_correlation"] < -0.3
     data = res.as_dict()
     assert data["native_xts"].shape == (101, 200, 2) and data["edit_friendly_zs"].shape == (100, 200, 2)
+
+
+def test_toy_plot_draws_the_noise_vectors_where_they_are(tmp_path):
+    """The bottom panels of plot_toy draw each z_t as a dot, in its own colour (t = T blue .. t = 1 red),
+    at the end of an arrow from the panel's centre, both panels at one scale (axis limits +-r). Read back
+    from the PNG: the farthest pixel of each z_t's colour lies |z_t| from the centre (plus the dot's 2 px
+    radius), and the edit-friendly cloud is several times wider than the native one, as their noise is."""
+    res = run_toy(num_points=1)
     path = tmp_path / "toy.png"
-    plot_toy(run_toy(num_points=1), path)
-    from PIL import Image
-    img = Image.open(path)
-    assert img.size[0] > 300 and len(img.convert("L").histogram()) - img.convert("L").histogram().count(0) > 10
+    plot_toy(res, path)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)           # [H, W, 3]
+    h, w = img.shape[:2]
+    codes = (res.native, res.edit_friendly)
+    zs = [c.zs.flip(0)[:, 0].double() for c in codes]                        # z_T .. z_1, [N, 2]: the drawing order
+    r = max(1.5, 1.05 * max(float(z.norm(dim=1).max()) for z in zs))       # the panels' axis limit
+    rms = []
+    for col, z in enumerate(zs):
+        panel = img[h // 2:, col * w // 2:(col + 1) * w // 2]                 # bottom row: the noise vectors
+        ys, xs = np.nonzero((panel == 128).all(axis=-1))                      # the gray frame of the axes
+        cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+        unit = (xs.max() - xs.min()) / (2 * r)                                # pixels per unit of z
+        radii, errors = [], []
+        for i, zi in enumerate(z):
+            u = i / (len(z) - 1)
+            yy, xx = np.nonzero((panel == (int(255 * u), 40, int(255 * (1 - u)))).all(axis=-1))
+            if len(yy):                                                       # later arrows may hide a dot
+                radius = (np.hypot(yy - cy, xx - cx).max() - 2) / unit       # less the dot's radius
+                radii.append(radius)
+                errors.append(radius - float(zi.norm()))
+        assert len(radii) >= 70                         # dots seen: native 79, edit-friendly 99 of 100
+        errors = np.array(errors)                        # in units of z; 1 unit = 8.4 px here
+        assert errors.max() < 0.3                        # no dot beyond its |z_t| (measured 0.18, 0.19)
+        assert np.median(np.abs(errors)) < 0.15          # (measured 0.08, 0.06)
+        assert np.quantile(np.abs(errors), 0.9) < 0.3    # partly hidden dots read short (measured 0.17, 0.15)
+        rms.append(float(np.sqrt(np.mean(np.square(radii)))))
+    print(f"\ntoy plot: rms |z_t| read from the PNG: native {rms[0]:.2f}, edit-friendly {rms[1]:.2f}")
+    assert rms[0] < 2.2                                 # measured 1.69: 2-D standard normal noise, ~sqrt(2)
+    assert rms[1] > 2.5 * rms[0]                        # measured 5.99, 3.5x: per-entry variance 9.1 against 0.58
 
 
 def test_small_unet_statistics():
