@@ -61,11 +61,12 @@ def build_parser() -> Parser:
         p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on CUDA, float32 on CPU")
         p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
 
-    def inversion_flags(p, with_source=True, with_noise=False):
+    def inversion_flags(p, with_source=True, with_noise=False, cfg_src=SOURCE_GUIDANCE,
+                        cfg_src_help="source guidance (default: %(default)s)"):
         if with_source:
             p.add_argument("--source", default="", help='source prompt ("" = no guidance term during inversion)')
         p.add_argument("--steps", type=int, default=STEPS, help="sampling steps N (default: %(default)s)")
-        p.add_argument("--cfg-src", type=float, default=SOURCE_GUIDANCE, help="source guidance (default: %(default)s)")
+        p.add_argument("--cfg-src", type=float, default=cfg_src, help=cfg_src_help)
         p.add_argument("--eta", type=float, default=ETA, help="DDPM eta, in (0, 1] (default: %(default)s)")
         p.add_argument("--seed", type=int, help="default: drawn at random and recorded in the outputs")
         p.add_argument("--size", type=int, help="picture side in pixels (default: the model's, 512 for SD1.x)")
@@ -104,21 +105,28 @@ def build_parser() -> Parser:
     edit_flags(p), model_flags(p), output_flags(p, "PNGs")
     p.set_defaults(run=run_regenerate)
 
-    p = commands.add_parser("shift", help="shift the noise maps of an inversion and regenerate (paper Sec. 5)")
+    p = commands.add_parser("shift", help="the paper's image shifting: shift the noise maps of an inversion and regenerate")
     p.add_argument("image")
     inversion_flags(p), model_flags(p), output_flags(p, "shifted PNG")
+    p.add_argument("--skip", type=int, help="regenerate from the shifted x_{T-skip} (default: the model's "
+                                            "shift_skip_fraction of --steps, 50 of 100 for the embedded shapes "
+                                            "model; else the paper's 0, from x_T)")
     p.add_argument("--dx", type=int, default=0, help="latent pixels to the right (x8 image pixels on SD1.x)")
     p.add_argument("--dy", type=int, default=0, help="latent pixels down")
     p.set_defaults(run=run_shift)
 
-    p = commands.add_parser("recolor", help="colour manipulation of a masked region (paper Sec. 5)")
+    p = commands.add_parser("recolor", help="the paper's colour manipulation of a masked region")
     p.add_argument("image")
-    inversion_flags(p), model_flags(p), output_flags(p, "recoloured PNG")
+    inversion_flags(p, cfg_src=None, cfg_src_help="source guidance of the inversion (default: the model's "
+                    "colour_source_guidance, 0 for the embedded shapes model, whose captions name the colour that "
+                    "the guidance holds; else the paper's 3.5)")
+    model_flags(p), output_flags(p, "recoloured PNG")
     p.add_argument("--mask", required=True, help="image of the same size as IMAGE; white = region to recolour "
                                                  "(transparent = outside it)")
     p.add_argument("--color", required=True, help='"#rrggbb" or "r,g,b" (0-255)')
     p.add_argument("--strength", type=float, help="s: how hard z_t is pushed towards the colour (default: the "
-                                                  "model's, else the paper's 0.2)")
+                                                  "model's colour_strength, 1.0 for the embedded shapes model; else "
+                                                  "the paper's 0.2)")
     p.add_argument("--t-range", type=int, nargs=2, metavar=("T1", "T2"),
                    help="the steps t (1 = last) in which z_t is pushed (default: 1..40 of 100, scaled to --steps)")
     p.set_defaults(run=run_recolor)
@@ -138,9 +146,12 @@ def build_parser() -> Parser:
 def check_settings(args) -> None:
     """The numbers, before any work: finite, in range, and consistent with each other."""
     args.steps = checks.steps(args.steps, "--steps")
-    if hasattr(args, "skip"):
-        args.skip = checks.skip(default_skip(args.steps) if args.skip is None else args.skip, args.steps, "--skip")
-    checks.guidance(args.cfg_src, "--cfg-src")
+    if getattr(args, "skip", None) is not None:
+        args.skip = checks.skip(args.skip, args.steps, "--skip")
+    elif args.command in ("edit", "batch"):
+        args.skip = default_skip(args.steps)            # shift: the model's (load_editor)
+    if args.cfg_src is not None:                         # recolor: the model's (load_editor)
+        checks.guidance(args.cfg_src, "--cfg-src")
     if getattr(args, "cfg_tgt", None) is not None:
         targets = getattr(args, "target", None)
         if isinstance(args.cfg_tgt, list):
@@ -236,6 +247,10 @@ def load_editor(args, model: str | None = None):
         print(f"efddpm: using the embedded shapes model ({DEFAULT_MODEL.name}); real photos need SD1.5, "
               "e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5", file=sys.stderr)
     editor = Editor.from_pretrained(source, device=device, dtype=DTYPES[dtype_name])
+    if args.command == "shift" and args.skip is None:
+        args.skip = editor.shift_skip(args.steps)
+    if args.command == "recolor" and args.cfg_src is None:
+        args.cfg_src = editor.colour_source_guidance
     if getattr(args, "size", None) is not None:
         args.size = editor.check_size(args.size, "--size", samples=2 * max(1, len(getattr(args, "target", None) or [1])))
     return editor
@@ -418,9 +433,10 @@ def manipulate(args, suffix: str, apply, before=None, **values) -> None:
         before(editor)
     check_prompts(editor, [args.source])
     seed = seeds_for(args)[0]
-    with Progress(2 * args.steps, args.quiet) as progress:
+    skip = getattr(args, "skip", None) or 0   # shift: the code serves a regeneration from x_{T-skip}
+    with Progress(2 * (args.steps - skip), args.quiet) as progress:
         code = editor.invert(args.image, args.source, steps=args.steps, guidance=args.cfg_src, eta=args.eta,
-                             seed=seed, size=args.size, progress=progress)
+                             seed=seed, size=args.size, skip=skip, progress=progress)
         note(args, f"{args.image}: {code.settings['image']}")
         img, used = apply(editor, code, progress)
     with writing(args, outputs):
@@ -439,7 +455,7 @@ def run_shift(args) -> None:
         checks.shift(args.dy, args.dx, (side, side), ("--dy", "--dx"))
 
     def apply(editor, code, progress):
-        return editor.shift(code, args.dy, args.dx, progress=progress), {}
+        return editor.shift(code, args.dy, args.dx, skip=args.skip, progress=progress), {"skip": args.skip}
     manipulate(args, f"shift_{args.dy}_{args.dx}", apply, before, dx=args.dx, dy=args.dy)
 
 

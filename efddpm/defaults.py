@@ -14,9 +14,15 @@ SKIP_FRACTION = 0.36             # T_skip / N: the edit starts at step N - T_ski
 ETA = 1.0                        # DDPM (eta 1); 0 would be DDIM, whose sigma_t = 0 leaves no noise to extract
 COLOUR_STRENGTH = 0.2            # s of the colour manipulation
 COLOUR_T_RANGE = (0.01, 0.40)    # [T1, T2] / N: the steps t in which the colour manipulation pushes z_t (1..40 of 100)
+SHIFT_SKIP_FRACTION = 0.0        # image shifting regenerates from the shifted x_T (skip 0)
 
-# What a model's single file may recommend instead of the paper's values (Editor reads models.defaults).
-MODEL_DEFAULT_KEYS = ("target_guidance", "shift_guidance", "colour_strength")
+# What a model's single file may recommend instead of the paper's values (Editor reads models.defaults):
+#   target_guidance          w_tgt of edits
+#   shift_skip_fraction      image shifting regenerates from the shifted x_{T - skip}, skip = this fraction of N
+#   colour_source_guidance   w_src of the inversion before a colour manipulation (the guidance holds the colour
+#                            a source prompt names)
+#   colour_strength          s of the colour manipulation
+MODEL_DEFAULT_KEYS = ("target_guidance", "shift_skip_fraction", "colour_source_guidance", "colour_strength")
 
 
 def default_skip(num_steps: int) -> int:

@@ -42,8 +42,14 @@ CHECKOUT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "efddpm-sh
 INSTALLED_MODEL = Path(sys.prefix) / "share" / "efddpm" / "weights" / "efddpm-shapes.safetensors"  # pip install .
 DEFAULT_MODEL = INSTALLED_MODEL if INSTALLED_MODEL.is_file() and not CHECKOUT_MODEL.is_file() else CHECKOUT_MODEL
 # The settings a model of this world recommends over the paper's, written into its file by efddpm.train (the
-# shipped model carries them; Editor reads them from the file): at SD's target guidance 15 its edits over-saturate.
-MODEL_DEFAULTS = {"target_guidance": 7.5}
+# shipped model carries them; Editor reads them from the file; measured in weights/MODEL_CARD.md):
+#   target guidance 7.5: at SD's 15 its edits over-saturate;
+#   shifting from 50 of 100 steps: its UNet on 16x16 latents is far from shift-equivariant, and from x_T the
+#   source guidance carries the shape off the shifted trajectory;
+#   colour manipulation on a code inverted without guidance, at strength 1: its captions name the colour, which
+#   the guidance holds against the push.
+MODEL_DEFAULTS = {"target_guidance": 7.5, "shift_skip_fraction": 0.5, "colour_source_guidance": 0.0,
+                  "colour_strength": 1.0}
 
 COLOURS = {  # shape colours, RGB
     "red": (225, 35, 35),

@@ -60,7 +60,8 @@ def test_different_seeds_and_several_inversions(tmp_path, model, picture):
     assert r.returncode == 0, r.stderr
     a, b = tmp_path / "red_1_seed3.png", tmp_path / "red_1_seed4.png"
     assert metadata(a)["seed"] == 3 and metadata(b)["seed"] == 4
-    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    diff = np.abs(np.asarray(Image.open(a), np.float64) - np.asarray(Image.open(b), np.float64)).mean()
+    assert diff > 10   # other noise, another picture: measured 30 levels mean abs (PNG rounding alone moves <= 1)
 
 
 def test_invert_then_regenerate_with_the_source_prompt_reconstructs(tmp_path, model, picture):

@@ -70,7 +70,7 @@ def test_editor_and_functions_read_the_same_defaults(model, picture):
 def test_the_embedded_models_target_guidance_comes_from_its_file():
     """7.5 travels in the file's metadata, so a copy under any name keeps it (once it was a path comparison)."""
     from efddpm import load
-    assert load(shapes.DEFAULT_MODEL).defaults == {"target_guidance": 7.5}
+    assert load(shapes.DEFAULT_MODEL).defaults["target_guidance"] == 7.5 == shapes.MODEL_DEFAULTS["target_guidance"]
 
 
 # ------------------------------------------------------------------------------- what a code and a PNG say
