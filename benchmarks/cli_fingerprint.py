@@ -26,7 +26,7 @@ SOURCE = "a red circle on a white background"
 
 
 def run(argv: list[str]) -> None:
-    from efddpm.cli import main
+    from efddpm.app.cli import main
     if main([*argv, "--quiet"]) != 0:
         raise SystemExit(f"failed: efddpm {' '.join(argv)}")
 

@@ -1,6 +1,6 @@
 """The paper's comparison in miniature, on held-out pictures of the embedded default model.
 
-Each held-out picture (efddpm.shapes.heldout_pictures) gets a colour edit ("a red circle ..." -> "a blue
+Each held-out picture (efddpm.miniature.world.heldout_pictures) gets a colour edit ("a red circle ..." -> "a blue
 circle ...") and a shape edit ("a red circle ..." -> "a red square ..."), by:
 
     edit-friendly   Algorithm 1 (w_src 3.5), then the target prompt from T - T_skip with the code's noise
@@ -11,7 +11,7 @@ circle ...") and a shape edit ("a red circle ..." -> "a red square ..."), by:
 
 with the paper's defaults (T_skip 36 of 100 steps, target guidance w 15), a sweep of T_skip (20, 36, 52 at
 w 15) and of w (3.5, 7.5, 15 at skip 36); SDEdit at strengths 0.3, 0.5, 0.7 with w 7.5 and 15.
-The outputs are measured by the pixel rules of efddpm.shapes:
+The outputs are measured by the pixel rules of efddpm.miniature.world:
 
     hit         the target was reached: the shape's colour (colour edits), the shape class (shape edits)
     kept        the other attribute did not change: the shape class (colour edits), the colour (shape edits)
@@ -20,7 +20,7 @@ The outputs are measured by the pixel rules of efddpm.shapes:
     shift       distance between the boxes' centres, pixels of the 64-pixel picture
     bg kept     fraction of the input's background (2 px away from the shape) still background
 
-A second table splits the colour edits by efddpm.shapes.recolour_within_contrast: whether the colour change is
+A second table splits the colour edits by efddpm.miniature.world.recolour_within_contrast: whether the colour change is
 smaller than the shape's contrast with its background. Only then is the recoloured shape in place the picture of
 the target caption nearest to the input; beyond it the nearest is a smaller shape, and a sampler that follows
 the target caption is pulled that way, whatever the inversion.
@@ -45,10 +45,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from efddpm import load, shapes
-from efddpm.charts import line_chart
-from efddpm.inversion import ddim_inversion, edit_friendly_inversion, native_inversion, regenerate
-from efddpm.manipulations import sdedit
+from efddpm import load
+from efddpm.app.embedded import DEFAULT_MODEL
+from efddpm.miniature import world
+from efddpm.miniature.charts import line_chart
+from efddpm.method.inversion import ddim_inversion, edit_friendly_inversion, native_inversion, regenerate
+from efddpm.method.manipulations import sdedit
 
 W_SRC = 3.5
 SKIPS = (20, 36, 52)             # at w 15
@@ -139,16 +141,16 @@ def run_edits(model: Model, x0: torch.Tensor, src: torch.Tensor, targets: dict[s
     return out
 
 
-def measure(p: shapes.Picture, target: shapes.Picture, kind: str, src_img: np.ndarray, img: np.ndarray) -> dict:
-    src_mask, mask = shapes.shape_mask(src_img, p.background), shapes.shape_mask(img, p.background)
-    colour, (shape, _) = shapes.shape_colour(img, mask), shapes.shape_class(mask)
-    b0, b1 = shapes.box(src_mask), shapes.box(mask)
+def measure(p: world.Picture, target: world.Picture, kind: str, src_img: np.ndarray, img: np.ndarray) -> dict:
+    src_mask, mask = world.shape_mask(src_img, p.background), world.shape_mask(img, p.background)
+    colour, (shape, _) = world.shape_colour(img, mask), world.shape_class(mask)
+    b0, b1 = world.box(src_mask), world.box(mask)
     shift = math.dist(((b0[0] + b0[2]) / 2, (b0[1] + b0[3]) / 2), ((b1[0] + b1[2]) / 2, (b1[1] + b1[3]) / 2)) \
         if b1 is not None else math.nan
     return {"hit": colour == target.colour if kind == "colour" else shape == target.shape,
             "kept": shape == p.shape if kind == "colour" else colour == p.colour,
-            "mask_iou": shapes.iou(src_mask, mask), "box_iou": shapes.box_iou(b0, b1), "shift": shift,
-            "bg_kept": shapes.background_kept(img, src_mask, p.background), "colour": colour, "shape": shape}
+            "mask_iou": world.iou(src_mask, mask), "box_iou": world.box_iou(b0, b1), "shift": shift,
+            "bg_kept": world.background_kept(img, src_mask, p.background), "colour": colour, "shape": shape}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -185,7 +187,7 @@ def contrast_table(rows: dict[Setting, list[dict]], within: list[bool]) -> str:
             cells += [f"{100 * np.mean([r['hit'] for r in part]):.0f}%" if part else "-",
                       f"{np.mean([r['mask_iou'] for r in part]):.2f}" if part else "-"]
         lines.append(f"| {s.method} | {s.label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nColour edits only, split by efddpm.shapes.recolour_within_contrast.\n"
+    return "\n".join(lines) + "\n\nColour edits only, split by efddpm.miniature.world.recolour_within_contrast.\n"
 
 
 def plot(summary: dict[Setting, dict]) -> Image.Image:
@@ -238,7 +240,7 @@ def examples(pics, src_imgs, outputs, chosen: list[Setting], k: int = 4, scale: 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=shapes.DEFAULT_MODEL)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--pictures", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="held-out set, edit targets and inversion noise")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -247,15 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     model = Model(args.model)
-    pics = shapes.heldout_pictures(args.pictures, args.seed)
-    colour_edits, shape_edits = zip(*(shapes.edit_targets(p, args.seed) for p in pics))
+    pics = world.heldout_pictures(args.pictures, args.seed)
+    colour_edits, shape_edits = zip(*(world.edit_targets(p, args.seed) for p in pics))
     edits = {"colour": list(colour_edits), "shape": list(shape_edits)}
-    src_imgs = shapes.render_many(pics)
+    src_imgs = world.render_many(pics)
     x0 = model.encode(src_imgs)
     targets = {kind: model.text([t.caption for t in ts]) for kind, ts in edits.items()}
     outputs = run_edits(model, x0, model.text([p.caption for p in pics]), targets, args.seed)
 
-    within = [shapes.recolour_within_contrast(p, t) for p, t in zip(pics, edits["colour"])]
+    within = [world.recolour_within_contrast(p, t) for p, t in zip(pics, edits["colour"])]
     rows, summary, by_setting = [], {}, {}
     for s in settings():
         rs = [{"kind": kind, "picture": i, **measure(p, edits[kind][i], kind, src_imgs[i], outputs[s, kind][i])}

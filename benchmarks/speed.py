@@ -169,7 +169,7 @@ def eager_rows(res: dict, image: Image.Image) -> None:
     res["fp32_fast_reconstruction_max_abs"] = (recon - code.xts[0]).abs().max().item()
     res["efddpm_fp32_fast_s"] = timed(lambda: efddpm_edit(fast32, image), repeats=1)
 
-    # UNet latency and peak memory by batch (calibrates efddpm.fast.inversion_chunk's memory estimate)
+    # UNet latency and peak memory by batch (calibrates efddpm.app.fast.inversion_chunk's memory estimate)
     unet16 = models.unet.half()
     lat, mem = {}, {}
     with torch.inference_mode():

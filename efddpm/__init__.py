@@ -1,12 +1,12 @@
 """efddpm: the edit-friendly DDPM noise space (Huberman-Spiegelglas et al., CVPR 2024) on SD1.x, in plain PyTorch."""
 __version__ = "0.1.0"
 
-from .checkpoint import CheckpointError, StableDiffusionModels, load, save_single_file
-from .clip import CLIPTextConfig, CLIPTextModel
-from .pipeline import Editor
-from .inversion import (LatentCode, ddim_inversion, edit, edit_friendly_inversion, native_inversion,
+from efddpm.checkpoint import CheckpointError, StableDiffusionModels, load, save_single_file
+from efddpm.nets.clip import CLIPTextConfig, CLIPTextModel
+from efddpm.app.editor import Editor
+from efddpm.method.inversion import (LatentCode, ddim_inversion, edit, edit_friendly_inversion, native_inversion,
                         regenerate)
-from .scheduler import SD1, ScheduleConfig
-from .tokenizer import CLIPTokenizer
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from efddpm.method.scheduler import SD1, ScheduleConfig
+from efddpm.nets.tokenizer import CLIPTokenizer
+from efddpm.nets.unet import UNet, UNetConfig
+from efddpm.nets.vae import AutoencoderKL, VAEConfig

@@ -4,8 +4,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from efddpm.scheduler import alphas_cumprod
-from efddpm.unet import UNet, UNetConfig
+from efddpm.method.scheduler import alphas_cumprod
+from efddpm.nets.unet import UNet, UNetConfig
 
 SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                    num_heads=2, context_dim=32, norm_groups=8)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from efddpm.clip import CLIPTextConfig
-from efddpm.tokenizer import bundled_vocab_and_merges
-from efddpm.unet import UNetConfig
-from efddpm.vae import VAEConfig
+from efddpm.nets.clip import CLIPTextConfig
+from efddpm.nets.tokenizer import bundled_vocab_and_merges
+from efddpm.nets.unet import UNetConfig
+from efddpm.nets.vae import VAEConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sd1-keys"  # tensor names and shapes of the real SD1 files
 

@@ -21,16 +21,17 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from efddpm import shapes
-from efddpm.atomic import OutputError, Outputs
-from efddpm.checks import InputError
-from efddpm.cli import main
-from efddpm.images import ImageError, LargeImageWarning, open_image
-from efddpm.inversion import LatentCode
-from efddpm.pipeline import Editor
+from efddpm.app.embedded import DEFAULT_MODEL
+from efddpm.miniature import world
+from efddpm.core.atomic import OutputError, Outputs
+from efddpm.core.checks import InputError
+from efddpm.app.cli import main
+from efddpm.app.images import ImageError, LargeImageWarning, open_image
+from efddpm.method.inversion import LatentCode
+from efddpm.app.editor import Editor
 
 FAST = ["--steps", "12", "--skip", "4", "--quiet"]
-EMBEDDED = shapes.DEFAULT_MODEL
+EMBEDDED = DEFAULT_MODEL
 
 
 def run_cli(capsys, argv) -> tuple[int, list[str]]:
@@ -187,8 +188,8 @@ def test_cli_refuses(tmp_path, capsys, picture, model, case):
 
 def test_disk_full_after_the_first_png_leaves_nothing(tmp_path, capsys, picture, model, monkeypatch):
     """ENOSPC while writing the second of two PNGs: neither appears, no temporary file is left."""
-    import efddpm.cli
-    real, calls = efddpm.cli.png_writer, []
+    import efddpm.app.cli
+    real, calls = efddpm.app.cli.png_writer, []
 
     def writer(img, metadata):
         write = real(img, metadata)
@@ -199,7 +200,7 @@ def test_disk_full_after_the_first_png_leaves_nothing(tmp_path, capsys, picture,
                 raise OSError(errno.ENOSPC, "No space left on device")
             write(tmp)
         return fill
-    monkeypatch.setattr(efddpm.cli, "png_writer", writer)
+    monkeypatch.setattr(efddpm.app.cli, "png_writer", writer)
     out = tmp_path / "out"
     code, err = run_cli(capsys, ["edit", picture, "--target", "a", "--target", "b", "--model", model, "--out", out,
                                  *FAST])

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 import efddpm.checkpoint as ckpt
 from efddpm.checkpoint import CheckpointError, load, save_single_file
-from efddpm.clip import CLIPTextConfig, CLIPTextModel
-from efddpm.unet import UNet, UNetConfig
-from efddpm.vae import AutoencoderKL, VAEConfig
+from efddpm.nets.clip import CLIPTextConfig, CLIPTextModel
+from efddpm.nets.unet import UNet, UNetConfig
+from efddpm.nets.vae import AutoencoderKL, VAEConfig
 
 from models_util import (SMALL_UNET, SMALL_VAE, diffusers_unet_config, diffusers_vae_config, fixture_shapes,
                          randomize_, rel_err, transformers_clip_config, write_tokenizer_folder)

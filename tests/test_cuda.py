@@ -8,9 +8,9 @@ compiled vs eager in the same dtype <= 1e-2 (inductor reorders reductions).
 import pytest
 import torch
 
-from efddpm.clip import CLIPTextModel
-from efddpm.unet import UNet
-from efddpm.vae import AutoencoderKL
+from efddpm.nets.clip import CLIPTextModel
+from efddpm.nets.unet import UNet
+from efddpm.nets.vae import AutoencoderKL
 
 from models_util import randomize_
 

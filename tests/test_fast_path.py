@@ -6,9 +6,9 @@ Tolerances: float64 1e-10 (rounding only), float32 1e-5 relative (batch composit
 import pytest
 import torch
 
-from efddpm.inversion import edit, edit_friendly_inversion, native_inversion, regenerate
-from efddpm.scheduler import timesteps
-from efddpm.unet import UNet, UNetConfig
+from efddpm.method.inversion import edit, edit_friendly_inversion, native_inversion, regenerate
+from efddpm.method.scheduler import timesteps
+from efddpm.nets.unet import UNet, UNetConfig
 
 from models_util import randomize_
 
@@ -41,7 +41,7 @@ def network(unet, dtype, calls=None):
 @pytest.mark.parametrize("invert", [edit_friendly_inversion, native_inversion])
 def test_batched_inversion_equals_step_by_step(setup, dtype, tol, recon_tol, invert):
     """In float32 the batched code reconstructs to 1.2e-5 here (measured), not to Algorithm 1's ~1e-8: f sees
-    x_t before the write-back, so each step's rounding is not cancelled. Hence efddpm.fast batches only
+    x_t before the write-back, so each step's rounding is not cancelled. Hence efddpm.app.fast batches only
     half-precision inversions, and float32 keeps chunk = 1 and the exact reconstruction."""
     unet, x0, cond, uncond = setup
     codes = [invert(network(unet, dtype), x0.to(dtype), cond.to(dtype), uncond.to(dtype), 3.5, num_steps=STEPS,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from efddpm.images import ImageError, fit_square, load_image, open_image, save_png, to_pil, to_rgb
+from efddpm.app.images import ImageError, fit_square, load_image, open_image, save_png, to_pil, to_rgb
 
 
 def rgb_of(img: Image.Image) -> tuple[int, int, int]:

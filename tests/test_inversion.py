@@ -3,10 +3,10 @@ determinism, saving, and parity with a literal transcription of the authors' loo
 import pytest
 import torch
 
-from efddpm.defaults import default_skip
-from efddpm import inversion as I
-from efddpm import scheduler as S
-from efddpm.toy import TOY_SCHEDULE, gaussian_noise_predictor
+from efddpm.method.defaults import default_skip
+from efddpm.method import inversion as I
+from efddpm.method import scheduler as S
+from efddpm.method.toy import TOY_SCHEDULE, gaussian_noise_predictor
 
 from inversion_util import one_thread  # noqa: F401  (autouse fixture)
 from inversion_util import latent, prompts, unet_predictor

@@ -1,8 +1,8 @@
 """Image shifting, colour manipulation and SDEdit."""
 import torch
 
-from efddpm import inversion as I
-from efddpm import manipulations as M
+from efddpm.method import inversion as I
+from efddpm.method import manipulations as M
 
 from inversion_util import one_thread  # noqa: F401  (autouse fixture)
 from inversion_util import gaussian_image_predictor, latent, prompts, unet_predictor

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from efddpm import shapes
-from efddpm.pipeline import Editor
+from efddpm.app.embedded import DEFAULT_MODEL
+from efddpm.miniature import world
+from efddpm.app.editor import Editor
 
 from inversion_util import one_thread  # noqa: F401  (autouse fixture: one thread)
 
-MODEL = shapes.DEFAULT_MODEL
+MODEL = DEFAULT_MODEL
 SHIFT_SKIP_FRACTION = 0.5      # what the model's file recommends (see test_the_model_recommends_these_settings)
 COLOUR_SOURCE_GUIDANCE = 0.0
 COLOUR_STRENGTH = 1.0
@@ -51,8 +52,8 @@ def test_the_manipulations_read_the_model_defaults(editor, monkeypatch):
     """Without the model's keys, the paper's settings: shifting regenerates from x_T (all N steps); with them,
     from shift_skip_fraction of N, and recolor warns about a code inverted with more source guidance than
     colour_source_guidance."""
-    picture = shapes.Picture("circle", "red", "white", 24, 24, 28)
-    img = shapes.render(picture)
+    picture = world.Picture("circle", "red", "white", 24, 24, 28)
+    img = world.render(picture)
     code = editor.invert(img, picture.caption, steps=10, seed=0)       # source guidance 3.5
     for defaults, calls_wanted in (({}, 10), ({"shift_skip_fraction": 0.5}, 5)):
         monkeypatch.setattr(editor.models, "defaults", defaults)
@@ -61,46 +62,46 @@ def test_the_manipulations_read_the_model_defaults(editor, monkeypatch):
         assert len(calls) == calls_wanted                              # UNet calls: steps - skip
     monkeypatch.setattr(editor.models, "defaults", {"colour_source_guidance": 0.0})
     with pytest.warns(UserWarning, match="inverted with source guidance 3.5"):
-        editor.recolor(code, img, mask_image(shapes.shape_mask(img, "white")), (0, 0, 1))
+        editor.recolor(code, img, mask_image(world.shape_mask(img, "white")), (0, 0, 1))
 
 
 @pytest.mark.parametrize("picture, dy, dx", [
-    (shapes.Picture("circle", "red", "white", 24, 24, 28), 0, 4),      # 16 px right
-    (shapes.Picture("square", "blue", "gray", 20, 20, 40), -3, 0),     # 12 px up
-    (shapes.Picture("diamond", "pink", "white", 30, 30, 34), 0, 3),    # 12 px right
+    (world.Picture("circle", "red", "white", 24, 24, 28), 0, 4),      # 16 px right
+    (world.Picture("square", "blue", "gray", 20, 20, 40), -3, 0),     # 12 px up
+    (world.Picture("diamond", "pink", "white", 30, 30, 34), 0, 3),    # 12 px right
 ])
 def test_shift_moves_the_shape_by_four_pixels_per_latent_pixel(editor, picture, dy, dx):
-    img = shapes.render(picture)
+    img = world.render(picture)
     code = editor.invert(img, picture.caption, seed=0)                  # source guidance 3.5, as `efddpm shift`
     out = np.asarray(editor.shift(code, dy, dx, skip=round(SHIFT_SKIP_FRACTION * code.num_steps)))
-    mask = shapes.shape_mask(out, picture.background)
-    (x0, y0), (x1, y1) = shapes.centroid(shapes.shape_mask(img, picture.background)), shapes.centroid(mask)
+    mask = world.shape_mask(out, picture.background)
+    (x0, y0), (x1, y1) = world.centroid(world.shape_mask(img, picture.background)), world.centroid(mask)
     moved = np.array([x1 - x0, y1 - y0])
     print(f"\n{picture.caption}, shift ({dy}, {dx}): centroid moved ({moved[0]:+.2f}, {moved[1]:+.2f}) px")
     assert np.hypot(*(moved - [4 * dx, 4 * dy])) < 2.0                # measured 0.37, 0.92, 0.77 px
-    assert shapes.shape_colour(out, mask) == picture.colour
-    shifted = shapes.render(shapes.Picture(picture.shape, picture.colour, picture.background, picture.size,
+    assert world.shape_colour(out, mask) == picture.colour
+    shifted = world.render(world.Picture(picture.shape, picture.colour, picture.background, picture.size,
                                            picture.cx + 4 * dx, picture.cy + 4 * dy))
-    iou = shapes.iou(mask, shapes.shape_mask(shifted, picture.background))
+    iou = world.iou(mask, world.shape_mask(shifted, picture.background))
     print(f"IoU with the shape drawn shifted {iou:.2f}")
     assert iou > 0.75                                                   # measured 0.91, 0.88, 0.91
 
 
 @pytest.mark.parametrize("picture, rgb", [
-    (shapes.Picture("circle", "red", "white", 24, 24, 28), (32, 64, 255)),          # "#2040ff" of issue #11
-    (shapes.Picture("square", "blue", "gray", 20, 20, 40), shapes.COLOURS["yellow"]),
+    (world.Picture("circle", "red", "white", 24, 24, 28), (32, 64, 255)),          # "#2040ff" of issue #11
+    (world.Picture("square", "blue", "gray", 20, 20, 40), world.COLOURS["yellow"]),
 ])
 def test_recolor_reaches_the_colour_inside_the_mask_and_keeps_the_rest(editor, picture, rgb):
-    img = shapes.render(picture)
-    shape = shapes.shape_mask(img, picture.background)
-    mask = shapes.dilate(shape, 1)                                     # the shape and its anti-aliased edge
+    img = world.render(picture)
+    shape = world.shape_mask(img, picture.background)
+    mask = world.dilate(shape, 1)                                     # the shape and its anti-aliased edge
     code = editor.invert(img, picture.caption, guidance=COLOUR_SOURCE_GUIDANCE, seed=0)
     out = np.asarray(editor.recolor(code, img, mask_image(mask), tuple(c / 255 for c in rgb),
                                     strength=COLOUR_STRENGTH)).astype(float)
     plain = editor.decode(code.xts[0])[0]                               # the regeneration without the push: x_0
     plain = ((plain.permute(1, 2, 0) + 1) * 127.5).round().numpy()
-    inside = np.median(out[shapes.erode(shape, 2)], axis=0)
-    outside = np.abs(out - plain)[~shapes.dilate(mask, 4)]
+    inside = np.median(out[world.erode(shape, 2)], axis=0)
+    outside = np.abs(out - plain)[~world.dilate(mask, 4)]
     print(f"\n{picture.caption} -> {rgb}: median inside {inside.round()}, RGB distance "
           f"{np.linalg.norm(inside - rgb):.0f}; outside |diff| mean {outside.mean():.2f}, max {outside.max():.0f}")
     assert np.linalg.norm(inside - rgb) < 60                            # measured 31, 4 (the input: 294, 324)

@@ -7,9 +7,9 @@ Tolerance (fp32, CPU): relative L2 error ||ours - ref|| / ||ref|| <= 1e-5.
 import pytest
 import torch
 
-from efddpm.clip import CLIPTextConfig, CLIPTextModel
-from efddpm.unet import UNet, UNetConfig
-from efddpm.vae import AutoencoderKL, VAEConfig
+from efddpm.nets.clip import CLIPTextConfig, CLIPTextModel
+from efddpm.nets.unet import UNet, UNetConfig
+from efddpm.nets.vae import AutoencoderKL, VAEConfig
 
 from models_util import (SMALL_CLIP, SMALL_UNET, SMALL_VAE, diffusers_unet_config, diffusers_vae_config,
                          fixture_shapes, randomize_, rel_err, transformers_clip_config)
@@ -32,7 +32,7 @@ def test_sd1_preset_matches_real_checkpoint_layout(build, fixture, n_params):
     with torch.device("meta"):
         model = build()
     expected = fixture_shapes(fixture)
-    expected.pop("embeddings.position_ids", None)  # rebuilt in forward, never loaded (see efddpm/clip.py)
+    expected.pop("embeddings.position_ids", None)  # rebuilt in forward, never loaded (see efddpm/nets/clip.py)
     assert shapes_of(model) == expected
     assert sum(p.numel() for p in model.parameters()) == n_params
 

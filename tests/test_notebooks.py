@@ -4,7 +4,7 @@ their outputs.
 
 Execution needs the test-only dependencies nbformat, nbclient, ipykernel and matplotlib (the `test` extra);
 without them those tests are skipped, saying so. Notebooks 2-5 need the embedded default model
-(efddpm.shapes.DEFAULT_MODEL, committed under weights/): without it they fail, naming the missing file.
+(efddpm.app.embedded.DEFAULT_MODEL, committed under weights/): without it they fail, naming the missing file.
 """
 import ast
 import json

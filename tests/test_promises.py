@@ -14,12 +14,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from efddpm import defaults, shapes
-from efddpm.cli import DEFAULT_DEVICE, build_parser, main
-from efddpm.fast import inversion_chunk
-from efddpm.inversion import LatentCode, edit_friendly_inversion
-from efddpm.pipeline import Editor
-from efddpm.scheduler import alphas_cumprod, timesteps
+from efddpm.method import defaults
+from efddpm.app.embedded import DEFAULT_MODEL
+from efddpm.miniature import world
+from efddpm.app.cli import DEFAULT_DEVICE, build_parser, main
+from efddpm.app.fast import inversion_chunk
+from efddpm.method.inversion import LatentCode, edit_friendly_inversion
+from efddpm.app.editor import Editor
+from efddpm.method.scheduler import alphas_cumprod, timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,11 +68,11 @@ def test_editor_and_functions_read_the_same_defaults(model, picture):
     assert torch.equal(plain, explicit)
 
 
-@pytest.mark.skipif(not shapes.DEFAULT_MODEL.is_file(), reason="the embedded model is not present")
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="the embedded model is not present")
 def test_the_embedded_models_target_guidance_comes_from_its_file():
     """7.5 travels in the file's metadata, so a copy under any name keeps it (once it was a path comparison)."""
     from efddpm import load
-    assert load(shapes.DEFAULT_MODEL).defaults["target_guidance"] == 7.5 == shapes.MODEL_DEFAULTS["target_guidance"]
+    assert load(DEFAULT_MODEL).defaults["target_guidance"] == 7.5 == world.MODEL_DEFAULTS["target_guidance"]
 
 
 # ------------------------------------------------------------------------------- what a code and a PNG say
@@ -113,7 +115,7 @@ def test_inversion_chunk_depends_on_shapes_and_dtype_only(monkeypatch):
 
 
 def test_chunk_is_recorded_and_an_oversized_one_falls_back_to_the_same_draws(model, picture, monkeypatch):
-    import efddpm.pipeline as pipeline
+    import efddpm.app.editor as pipeline
     editor = Editor.from_pretrained(str(model))
     plain = editor.invert(picture, "a red square", steps=12, seed=4)
     assert plain.settings["chunk"] == 1

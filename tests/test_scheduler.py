@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from efddpm import scheduler as S
+from efddpm.method import scheduler as S
 
 SD1_DIFFUSERS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,

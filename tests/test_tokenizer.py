@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from efddpm.tokenizer import BOS, EOS, CLIPTokenizer, bundled_vocab_and_merges
+from efddpm.nets.tokenizer import BOS, EOS, CLIPTokenizer, bundled_vocab_and_merges
 
 from models_util import write_tokenizer_folder
 
@@ -52,7 +52,7 @@ def folder(tmp_path_factory):
 def reference(folder):
     transformers = pytest.importorskip("transformers")
     # CLIPTokenizerFast is what transformers >= 5 also calls CLIPTokenizer; in 4.x CLIPTokenizer is the
-    # pure-Python one, which differs on CJK and control characters (see efddpm/tokenizer.py)
+    # pure-Python one, which differs on CJK and control characters (see efddpm/nets/tokenizer.py)
     return transformers.CLIPTokenizerFast.from_pretrained(folder)
 
 

@@ -4,10 +4,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from efddpm import inversion as I
-from efddpm import noise_stats as N
-from efddpm.scheduler import alphas_cumprod, marginal
-from efddpm.toy import TOY_MEAN, TOY_SCHEDULE, gaussian_noise_predictor, plot_toy, run_toy
+from efddpm.method import inversion as I
+from efddpm.method import noise_stats as N
+from efddpm.method.scheduler import alphas_cumprod, marginal
+from efddpm.method.toy import TOY_MEAN, TOY_SCHEDULE, gaussian_noise_predictor, plot_toy, run_toy
 
 from inversion_util import one_thread  # noqa: F401  (autouse fixture)
 from inversion_util import latent, prompts, unet_predictor

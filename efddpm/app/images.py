@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
-from .atomic import Outputs
-from .checks import InputError
+from efddpm.core.atomic import Outputs
+from efddpm.core.checks import InputError
 
 MAX_PIXELS = 100_000_000  # larger inputs are refused (a decompression bomb, or a mistake)
 
@@ -160,7 +160,7 @@ def grid(images: list[Image.Image]) -> Image.Image:
 
 
 def png_writer(img: Image.Image, metadata: dict[str, str]):
-    """A writer for efddpm.atomic.Outputs: the PNG with `metadata` as international text chunks."""
+    """A writer for efddpm.core.atomic.Outputs: the PNG with `metadata` as international text chunks."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_itxt(key, value)
@@ -168,6 +168,6 @@ def png_writer(img: Image.Image, metadata: dict[str, str]):
 
 
 def save_png(img: Image.Image, path: str | os.PathLike, metadata: dict[str, str], overwrite: bool = True) -> None:
-    """Write one PNG with text chunks, all or nothing (efddpm.atomic)."""
+    """Write one PNG with text chunks, all or nothing (efddpm.core.atomic)."""
     with Outputs(overwrite=overwrite) as out:
         out.write(path, png_writer(img, metadata))

@@ -1,8 +1,8 @@
 """Train the embedded default model: a small SD1.x-architecture text-to-image model on the pictures of
-efddpm.shapes. Also the worked example of training with efddpm's own modules (UNet, AutoencoderKL,
+efddpm.miniature.world. Also the worked example of training with efddpm's own modules (UNet, AutoencoderKL,
 CLIPTextModel, CLIPTokenizer, the SD1.x schedule), in the order Stable Diffusion was trained:
 
-    1. data     N training pictures of efddpm.shapes (seeded), uint8 [N, 64, 64, 3]; their captions
+    1. data     N training pictures of efddpm.miniature.world (seeded), uint8 [N, 64, 64, 3]; their captions
                 tokenized once by the real CLIP tokenizer ([C, 77] ids, one row per distinct caption)
     2. VAE      the KL autoencoder (SD1.x layout at width 32/64/64, factor 4: latents [4, 16, 16]),
                 L1 reconstruction of a posterior sample plus a small KL term; then scaling_factor =
@@ -21,8 +21,8 @@ CUDA, float32 on CPU. --seed fixes the data, the initial weights and every batch
 from --minutes by timing a few passes of each stage and printed; --vae-steps / --unet-steps repeat a run
 step for step (bit-exactness on CUDA also needs the same GPU and library versions).
 
-    python -m efddpm.train --out weights/efddpm-shapes.safetensors --device cuda       # ~9 min on one H100
-    python -m efddpm.train --out /tmp/tiny.safetensors --minutes 0.5 --pictures 2000 --batch 16   # CPU smoke run
+    python -m efddpm.miniature.train --out weights/efddpm-world.safetensors --device cuda       # ~9 min on one H100
+    python -m efddpm.miniature.train --out /tmp/tiny.safetensors --minutes 0.5 --pictures 2000 --batch 16   # CPU smoke run
 """
 from __future__ import annotations
 
@@ -43,16 +43,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import shapes
-from .charts import line_chart
-from .checkpoint import load, save_single_file
-from .clip import CLIPTextConfig, CLIPTextModel
-from .images import grid
-from .inversion import guided_eps
-from .scheduler import SD1, alphas_cumprod, ddpm_step, step_coefficients, timesteps
-from .tokenizer import CLIPTokenizer
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from efddpm.miniature import world
+from efddpm.miniature.charts import line_chart
+from efddpm.checkpoint import load, save_single_file
+from efddpm.nets.clip import CLIPTextConfig, CLIPTextModel
+from efddpm.app.images import grid
+from efddpm.method.inversion import guided_eps
+from efddpm.method.scheduler import SD1, alphas_cumprod, ddpm_step, step_coefficients, timesteps
+from efddpm.nets.tokenizer import CLIPTokenizer
+from efddpm.nets.unet import UNet, UNetConfig
+from efddpm.nets.vae import AutoencoderKL, VAEConfig
 
 VAE_CONFIG = VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2)  # scaling_factor set in stage 2
 UNET_CONFIG = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
@@ -75,10 +75,10 @@ SAMPLE_GUIDANCE = 5.0
 
 def make_data(n: int, seed: int, tokenizer: CLIPTokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """n training pictures -> (images uint8 [n, 3, 64, 64], caption index int64 [n], caption ids [C, 77])."""
-    specs = shapes.pictures(n, seed, "train")
+    specs = world.pictures(n, seed, "train")
     chunks = [specs[i:i + 2000] for i in range(0, n, 2000)]
     with Pool(min(len(chunks), os.cpu_count() or 1)) as pool:
-        images = np.concatenate(pool.map(shapes.render_many, chunks))             # [n, 64, 64, 3]
+        images = np.concatenate(pool.map(world.render_many, chunks))             # [n, 64, 64, 3]
     captions = sorted({p.caption for p in specs})
     index = {c: i for i, c in enumerate(captions)}
     which = torch.tensor([index[p.caption] for p in specs])                         # [n]
@@ -242,7 +242,7 @@ def sample(unet: UNet, vae: AutoencoderKL, text: CLIPTextModel, tokenizer: CLIPT
     device = next(unet.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     cond, uncond = text(tokenizer(prompts).to(device)), text(tokenizer([""]).to(device))
-    abar, size = alphas_cumprod(SD1).to(device), shapes.DEFAULT_SIZE // 2 ** (len(vae.config.channel_mult) - 1)
+    abar, size = alphas_cumprod(SD1).to(device), world.DEFAULT_SIZE // 2 ** (len(vae.config.channel_mult) - 1)
     x = torch.randn(len(prompts), 4, size, size, generator=gen, device=device)     # x_T
     for t in timesteps(num_steps, SD1).tolist():
         s = step_coefficients(abar, t, num_steps, SD1)
@@ -270,7 +270,7 @@ def curves_png(curves: dict[str, list], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m efddpm.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m efddpm.miniature.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="the model file to write (.safetensors)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--minutes", type=float, default=7.0, help="time for the training steps of both stages")
@@ -313,12 +313,12 @@ def main(argv: list[str] | None = None) -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_single_file(args.out, copy.deepcopy(unet).half(), copy.deepcopy(vae).half(), copy.deepcopy(text).half(),
-                     image_size=shapes.DEFAULT_SIZE, defaults=shapes.MODEL_DEFAULTS)
+                     image_size=world.DEFAULT_SIZE, defaults=world.MODEL_DEFAULTS)
     stem = args.out.with_suffix("")
-    prompts = [p.caption for p in shapes.heldout_pictures(16)]
+    prompts = [p.caption for p in world.heldout_pictures(16)]
     picture_grid(sample(unet, vae, text, tokenizer, prompts, SAMPLE_GUIDANCE, args.seed), 8).save(f"{stem}.samples.png")
     curves_png(curves, Path(f"{stem}.losses.png"))
-    record = {"command": "python -m efddpm.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"command": "python -m efddpm.miniature.train " + " ".join(argv if argv is not None else sys.argv[1:]),
               "steps": steps, "seconds": round(time.perf_counter() - started, 1), "device": str(device),
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__, "pictures": args.pictures, "batch": args.batch, "seed": args.seed,

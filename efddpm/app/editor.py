@@ -11,8 +11,8 @@ the noise maps in at least float32 and divides by sigma_t (0.02 at the last step
 An empty source prompt means no guidance term during the inversion, as in the authors' code; otherwise
 eps = f("") + w (f(prompt) - f("")).
 
-Defaults are the paper's (efddpm.defaults), except where the model's file recommends its own (models.defaults:
-the embedded shapes model's target guidance 7.5). Every argument is checked (efddpm.checks): a bad one raises
+Defaults are the paper's (efddpm.method.defaults), except where the model's file recommends its own (models.defaults:
+the embedded shapes model's target guidance 7.5). Every argument is checked (efddpm.core.checks): a bad one raises
 InputError, a ValueError with a one-line message.
 """
 import contextlib
@@ -23,16 +23,16 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import checks
-from .checkpoint import CheckpointError, StableDiffusionModels, load
-from .checks import InputError
-from .defaults import (COLOUR_STRENGTH, ETA, SHIFT_SKIP_FRACTION, SOURCE_GUIDANCE, STEPS, TARGET_GUIDANCE,
+from efddpm.core import checks
+from efddpm.checkpoint import CheckpointError, StableDiffusionModels, load
+from efddpm.core.checks import InputError
+from efddpm.method.defaults import (COLOUR_STRENGTH, ETA, SHIFT_SKIP_FRACTION, SOURCE_GUIDANCE, STEPS, TARGET_GUIDANCE,
                        default_colour_range, default_skip)
-from .fast import GraphedUNet, inversion_chunk
-from .images import load_image, load_mask, to_pil
-from .inversion import LatentCode, edit_friendly_inversion, regenerate
-from .manipulations import colour_edit, colour_target, latent_mask, shift_code
-from .scheduler import SD1, check_alphas_cumprod
+from efddpm.app.fast import GraphedUNet, inversion_chunk
+from efddpm.app.images import load_image, load_mask, to_pil
+from efddpm.method.inversion import LatentCode, edit_friendly_inversion, regenerate
+from efddpm.method.manipulations import colour_edit, colour_target, latent_mask, shift_code
+from efddpm.method.scheduler import SD1, check_alphas_cumprod, max_steps
 
 Progress = Callable[[int], None]  # called with the number of network calls just made
 
@@ -77,7 +77,7 @@ class Editor:
     """The models of one checkpoint, and the edit-friendly inversion and editing of images with them.
 
     fast (from_pretrained: on for CUDA): half-precision inversions batched over timesteps, the regeneration
-    replayed from CUDA graphs, the UNet in channels_last (efddpm.fast). Same formulas."""
+    replayed from CUDA graphs, the UNet in channels_last (efddpm.app.fast). Same formulas."""
     models: StableDiffusionModels
     dtype: torch.dtype
     fast: bool = False
@@ -196,7 +196,7 @@ class Editor:
     def encode_image(self, image, size: int | None = None) -> tuple[torch.Tensor, str]:
         """Image (path, PIL, uint8 numpy, [3, H, W] tensor: float in [0, 1] or uint8) -> x_0 [1, 4, size/f, size/f]
         in the method's dtype (float32, float64 for a float64 editor), and a line saying how the image was
-        cropped and resized (efddpm.images)."""
+        cropped and resized (efddpm.app.images)."""
         pixels, note = load_image(image, self.check_size(size))              # [1, 3, size, size] in [-1, 1]
         vae = self.models.vae
         x0 = vae.encode(pixels.to(self.device, self.dtype)).mode() * vae.config.scaling_factor  # the mean, scaled
@@ -210,7 +210,7 @@ class Editor:
         return vae.decode((latents / vae.config.scaling_factor).to(self.dtype)).float().clamp(-1, 1)
 
     def noise_predictor(self, progress: Progress | None = None, graphed: bool = False):
-        """f(x_t, t, text) for efddpm.inversion: the UNet in the editor's dtype (the method upcasts its output);
+        """f(x_t, t, text) for efddpm.method.inversion: the UNet in the editor's dtype (the method upcasts its output);
         graphed: replayed from CUDA graphs (the fast path's sequential regeneration)."""
         unet, dtype = self.models.unet, self.dtype
         if graphed and self.fast:
@@ -240,7 +240,7 @@ class Editor:
         draws); none: torch's global generator. skip: the code serves edits with that skip or more (the noisier
         steps are left out). chunk: timesteps per batched UNet call (the fast path's choice when None; recorded).
         """
-        steps = checks.steps(steps)
+        steps = checks.steps(steps, max_steps())
         skip = checks.skip(skip, steps)
         eta = checks.eta(eta)
         if eta == 0:
@@ -288,7 +288,7 @@ class Editor:
                    **options) -> torch.Tensor:
         """Eq. 3 replayed with the code's noise maps under each prompt, from T - skip -> x_0 latents [K, 4, h, w].
         guidance None: the code's source guidance (none for a code of an empty source prompt: then f(x, t, prompt)).
-        skip None: T_skip = 36 of 100 scaled to the code's steps. options: those of efddpm.inversion.regenerate
+        skip None: T_skip = 36 of 100 scaled to the code's steps. options: those of efddpm.method.inversion.regenerate
         (zero_last_noise, reference_direction, noise_edit)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -322,7 +322,7 @@ class Editor:
     def shift(self, code: LatentCode, dy: int, dx: int, prompt: str | None = None, *, skip: int | None = None,
               progress: Progress | None = None) -> Image.Image:
         """The paper's image shifting: x_T and every noise map z_t moved by (dy, dx) latent pixels (circularly, see
-        efddpm.manipulations.shift for the border), regenerated under the source prompt (or `prompt`) with the code's
+        efddpm.method.manipulations.shift for the border), regenerated under the source prompt (or `prompt`) with the code's
         own guidance: the output is the image shifted by (dy, dx) latent pixels.
 
         skip: start from the shifted x_{T-skip} with the shifted z_{T-skip}..z_1, all of the code that this
@@ -346,7 +346,7 @@ class Editor:
         """The paper's colour manipulation: regenerate the code from x_T under the source prompt (or `prompt`) with
         its own guidance, replacing z_t by z_t + s * B * (M - P(f_t(x_t))) for t in step_range [T1, T2]; B is the
         mask on the latent grid, M the latent of the image with the masked region painted `colour` (RGB in [0, 1]).
-        `mask`: anything efddpm.images.load_mask takes, the size of `image`; white = edit, transparent = not.
+        `mask`: anything efddpm.app.images.load_mask takes, the size of `image`; white = edit, transparent = not.
 
         strength None: self.colour_strength, the model's own (the embedded shapes model: 1.0), else the paper's 0.2.
         step_range None: 1..40 of 100 (the paper's), scaled to the code's steps.

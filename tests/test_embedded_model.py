@@ -1,4 +1,4 @@
-"""The shipped default model (weights/efddpm-shapes.safetensors, trained by efddpm.train).
+"""The shipped default model (weights/efddpm-world.safetensors, trained by efddpm.miniature.train).
 
 Measured on this model (float32, CPU, torch 2.13), with the settings of the tests below:
     held-out reconstruction through edit-friendly inversion (w_src 3.5) + regeneration with the same
@@ -9,7 +9,7 @@ Measured on this model (float32, CPU, torch 2.13), with the settings of the test
         (mean 0.46; 5 of 8 >= 0.5)
     thresholds: >= 6/8 reached, mean IoU >= 0.35, >= 4 of 8 with IoU >= 0.5.
     In 3 of the 8 the shape moves away or shrinks (IoU < 0.15): all three are edits beyond contrast
-    (shapes.recolour_within_contrast: the colour change is larger than the shape's contrast with its
+    (world.recolour_within_contrast: the colour change is larger than the shape's contrast with its
     background, so the picture of the target caption nearest to the input is a smaller shape); the test
     asserts that every IoU < 0.3 is such an edit.
     colour edits within contrast, the first 8 such held-out pictures, same settings:
@@ -31,17 +31,18 @@ import pytest
 import torch
 
 import efddpm
-from efddpm import shapes
+from efddpm.app.embedded import DEFAULT_MODEL
+from efddpm.miniature import world
 from efddpm.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, read_tensors
-from efddpm.inversion import edit_friendly_inversion, regenerate
+from efddpm.method.inversion import edit_friendly_inversion, regenerate
 from PIL import Image
 
 from inversion_util import one_thread  # noqa: F401  (autouse fixture: one thread)
 from venv_util import fresh_venv
 
-MODEL = shapes.DEFAULT_MODEL
+MODEL = DEFAULT_MODEL
 N_PICTURES = 8
-TARGET_GUIDANCE = shapes.MODEL_DEFAULTS["target_guidance"]   # 7.5, as the shipped file says
+TARGET_GUIDANCE = world.MODEL_DEFAULTS["target_guidance"]   # 7.5, as the shipped file says
 MIN_HITS = 6            # of 8 (measured 8)
 MIN_MEAN_IOU = 0.35     # (measured 0.46)
 MIN_GOOD = 4            # pictures with IoU >= 0.5, of 8 (measured 5)
@@ -84,14 +85,14 @@ def test_shipped_file_is_the_official_layout(model):
     assert all(k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX)) for k in tensors)
     assert {t.dtype for t in tensors.values()} == {torch.float16}        # stored half, loaded in float32
     assert next(model.unet.parameters()).dtype == torch.float32
-    assert model.image_size == shapes.DEFAULT_SIZE
+    assert model.image_size == world.DEFAULT_SIZE
     assert model.text_encoder.config.vocab_size == 49408 and model.tokenizer.vocab_size == 49408
     assert model.unet.config.context_dim == model.text_encoder.config.width
 
 
 def test_exact_reconstruction_of_a_held_out_picture(model):
-    p = shapes.heldout_pictures(1)[0]
-    x0 = encode(model, shapes.render(p)[None])
+    p = world.heldout_pictures(1)[0]
+    x0 = encode(model, world.render(p)[None])
     with torch.inference_mode():
         cond, uncond = model.text_encoder(model.tokenizer([p.caption])), model.text_encoder(model.tokenizer([""]))
     f = predictor(model)
@@ -103,8 +104,8 @@ def test_exact_reconstruction_of_a_held_out_picture(model):
 def colour_edits(model, pics: list) -> tuple[list[bool], list[float]]:
     """Edit-friendly colour edits (w_src 3.5, skip 36 of 100, inversion seed 0, target guidance 7.5), batched:
     (target colour reached, mask IoU with the input) per picture."""
-    targets = [shapes.edit_targets(p)[0] for p in pics]
-    src_imgs = shapes.render_many(pics)
+    targets = [world.edit_targets(p)[0] for p in pics]
+    src_imgs = world.render_many(pics)
     x0 = encode(model, src_imgs)
     with torch.inference_mode():
         text = lambda prompts: model.text_encoder(model.tokenizer(prompts))    # noqa: E731
@@ -114,29 +115,29 @@ def colour_edits(model, pics: list) -> tuple[list[bool], list[float]]:
     out = decode(model, regenerate(f, code, tgt, uncond, TARGET_GUIDANCE, skip=36))
     hits, ious = [], []
     for p, t, s_img, o_img in zip(pics, targets, src_imgs, out):
-        mask = shapes.shape_mask(o_img, p.background)
-        hits.append(shapes.shape_colour(o_img, mask) == t.colour)
-        ious.append(shapes.iou(shapes.shape_mask(s_img, p.background), mask))
+        mask = world.shape_mask(o_img, p.background)
+        hits.append(world.shape_colour(o_img, mask) == t.colour)
+        ious.append(world.iou(world.shape_mask(s_img, p.background), mask))
     return hits, ious
 
 
 def within_contrast_pictures(n: int) -> list:
-    """The first n held-out pictures whose colour edit is within contrast (shapes.recolour_within_contrast)."""
+    """The first n held-out pictures whose colour edit is within contrast (world.recolour_within_contrast)."""
     out = []
-    for p in shapes.stream(0, "heldout"):
-        if shapes.recolour_within_contrast(p, shapes.edit_targets(p)[0]):
+    for p in world.stream(0, "heldout"):
+        if world.recolour_within_contrast(p, world.edit_targets(p)[0]):
             out.append(p)
         if len(out) == n:
             return out
 
 
 def test_colour_edits_reach_the_target_and_keep_the_shape(model):
-    pics = shapes.heldout_pictures(N_PICTURES)
+    pics = world.heldout_pictures(N_PICTURES)
     hits, ious = colour_edits(model, pics)
     assert sum(hits) >= MIN_HITS, (hits, ious)
     assert np.mean(ious) >= MIN_MEAN_IOU and sum(v >= 0.5 for v in ious) >= MIN_GOOD, ious
     # the shapes that moved away (IoU < 0.3) are all edits beyond contrast
-    assert not any(v < 0.3 and shapes.recolour_within_contrast(p, shapes.edit_targets(p)[0])
+    assert not any(v < 0.3 and world.recolour_within_contrast(p, world.edit_targets(p)[0])
                    for p, v in zip(pics, ious)), ious
 
 
@@ -150,8 +151,8 @@ def test_cli_edits_a_picture_offline_with_the_embedded_model(tmp_path):
     """`efddpm edit` with no --model and no network, reference settings (100 steps, skip 36) and the model's
     default target guidance (7.5): the shape takes the target colour in place."""
     p = within_contrast_pictures(1)[0]
-    target = shapes.edit_targets(p)[0]
-    Image.fromarray(shapes.render(p)).save(tmp_path / "in.png")
+    target = world.edit_targets(p)[0]
+    Image.fromarray(world.render(p)).save(tmp_path / "in.png")
     r = subprocess.run([sys.executable, "-m", "efddpm", "edit", str(tmp_path / "in.png"), "--source", p.caption,
                         "--target", target.caption, "--seed", "0", "--out", str(tmp_path / "out"), "--quiet"],
                        capture_output=True, text=True, timeout=300,
@@ -160,9 +161,9 @@ def test_cli_edits_a_picture_offline_with_the_embedded_model(tmp_path):
     with Image.open(tmp_path / "out" / "in_1.png") as img:
         meta, out = json.loads(img.text["efddpm"]), np.array(img.convert("RGB"))
     assert (meta["model"], meta["steps"], meta["skip"], meta["cfg_tgt"]) == (str(MODEL), 100, 36, TARGET_GUIDANCE)
-    mask = shapes.shape_mask(out, p.background)
-    assert shapes.shape_colour(out, mask) == target.colour
-    assert shapes.iou(shapes.shape_mask(shapes.render(p), p.background), mask) >= MIN_IOU_WITHIN
+    mask = world.shape_mask(out, p.background)
+    assert world.shape_colour(out, mask) == target.colour
+    assert world.iou(world.shape_mask(world.render(p), p.background), mask) >= MIN_IOU_WITHIN
 
 
 def test_a_wheel_install_carries_the_embedded_model(tmp_path):
@@ -178,7 +179,7 @@ def test_a_wheel_install_carries_the_embedded_model(tmp_path):
     wheel = next((tmp_path / "wheel").glob("efddpm-*.whl"))
     r = run(str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel))
     assert r.returncode == 0, r.stderr
-    r = run(str(python), "-c", "from efddpm import shapes; print(shapes.DEFAULT_MODEL)", cwd=tmp_path)
+    r = run(str(python), "-c", "from efddpm.app.embedded import DEFAULT_MODEL; print(DEFAULT_MODEL)", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     installed = Path(r.stdout.strip())
     assert installed == tmp_path / "venv" / "share" / "efddpm" / "weights" / MODEL.name

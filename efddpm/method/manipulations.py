@@ -1,7 +1,7 @@
 """The paper's manipulations of the edit-friendly noise space: image shifting, colour
 manipulation, and SDEdit as the baseline for the latter.
 
-Shapes: latents [B, C, h, w]; codes as in efddpm.inversion (xts [N+1, B, C, h, w], zs [N, B, C, h, w]).
+Shapes: latents [B, C, h, w]; codes as in efddpm.method.inversion (xts [N+1, B, C, h, w], zs [N, B, C, h, w]).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .inversion import (LatentCode, NoisePredictor, _draw, _working_dtype, guided_eps, regenerate)
-from .scheduler import (SD1, ScheduleConfig, alphas_cumprod, ddpm_step, marginal,
+from efddpm.method.inversion import (LatentCode, NoisePredictor, _draw, _working_dtype, guided_eps, regenerate)
+from efddpm.method.scheduler import (SD1, ScheduleConfig, alphas_cumprod, ddpm_step, marginal,
                         step_coefficients, timesteps)
 
 

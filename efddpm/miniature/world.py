@@ -1,5 +1,5 @@
 """Captioned pictures of one flat shape on a flat background, drawn with Pillow, and the pixel rules
-that measure an edit of them. The data of the embedded default model (efddpm.train) and of the edit
+that measure an edit of them. The data of the embedded default model (efddpm.miniature.train) and of the edit
 benchmark (benchmarks/edit_benchmark.py).
 
     spec = random_picture(np.random.default_rng(0))      # Picture(shape, colour, background, size, cx, cy)
@@ -38,10 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 DEFAULT_SIZE = 64   # the side of the pictures the default model was trained on (latents 16 x 16)
-CHECKOUT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "efddpm-shapes.safetensors"
-INSTALLED_MODEL = Path(sys.prefix) / "share" / "efddpm" / "weights" / "efddpm-shapes.safetensors"  # pip install .
-DEFAULT_MODEL = INSTALLED_MODEL if INSTALLED_MODEL.is_file() and not CHECKOUT_MODEL.is_file() else CHECKOUT_MODEL
-# The settings a model of this world recommends over the paper's, written into its file by efddpm.train (the
+# The settings a model of this world recommends over the paper's, written into its file by efddpm.miniature.train (the
 # shipped model carries them; Editor reads them from the file; measured in weights/MODEL_CARD.md):
 #   target guidance 7.5: at SD's 15 its edits over-saturate;
 #   shifting from 50 of 100 steps: its UNet on 16x16 latents is far from shift-equivariant, and from x_T the

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .inversion import LatentCode
+from efddpm.method.inversion import LatentCode
 
 
 def variance(zs: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 At batch 2 an SD1.x UNet step is bound by the host launching ~1,000 kernels, not by the GPU. So:
 
-- the inversion skips the steps the edit never uses (efddpm.inversion.extract_noise's `skip`) and, in half
+- the inversion skips the steps the edit never uses (efddpm.method.inversion.extract_noise's `skip`) and, in half
   precision, evaluates many timesteps in one batched call (Algorithm 1 draws every x_t independently; `chunk`);
 - the sequential steps replay a CUDA graph of the UNet, captured once per input shape;
 - the UNet runs in channels_last memory format (cuDNN's faster NHWC convolutions; 12% on the whole edit).
@@ -34,7 +34,7 @@ class GraphedUNet:
     """unet(x, t, context) replayed from a CUDA graph, one graph per input shape (captured on first use).
 
     Inputs are copied into the graph's static buffers and the output is cloned, so callers see an
-    ordinary function. Use under torch.inference_mode(), as efddpm.pipeline does."""
+    ordinary function. Use under torch.inference_mode(), as efddpm.app.editor does."""
 
     def __init__(self, unet: nn.Module):
         self.unet = unet

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .inversion import LatentCode, edit_friendly_inversion, native_inversion
-from .noise_stats import noise_statistics
-from .scheduler import ScheduleConfig, alphas_cumprod
+from efddpm.method.inversion import LatentCode, edit_friendly_inversion, native_inversion
+from efddpm.method.noise_stats import noise_statistics
+from efddpm.method.scheduler import ScheduleConfig, alphas_cumprod
 
 TOY_SCHEDULE = ScheduleConfig(kind="linear", beta_start=1e-4, beta_end=0.02)
 TOY_MEAN = (10.0, 10.0)

@@ -14,7 +14,7 @@ Accents are kept, and there is no HTML unescaping or ftfy-style text repair. "<|
 
 The vocabulary comes from a diffusers `tokenizer/` folder (tokenizer.json as transformers >= 5 saves it, or
 vocab.json + merges.txt; only the vocabulary and merges are read, the pipeline is always the one above) or,
-offline, from the merges file shipped in efddpm/data (MIT, OpenAI CLIP via open_clip), from which the
+offline, from the merges file shipped in efddpm/nets/data (MIT, OpenAI CLIP via open_clip), from which the
 49408-token vocabulary is derived as CLIP defines it: the 256 byte characters, the same followed by "</w>",
 the results of the first 48894 merges, then <|startoftext|> and <|endoftext|>.
 

@@ -9,7 +9,7 @@
 
 Every command runs the same sequence: check the numbers, read and check the inputs, check the outputs' names,
 load the model, check what needs the model (picture size, shift range), work, then write every output all or
-nothing (efddpm.atomic). A bad input ends the command with one line on stderr and exit code 2, and nothing is
+nothing (efddpm.core.atomic). A bad input ends the command with one line on stderr and exit code 2, and nothing is
 written. PNGs carry every setting in their text metadata (key "efddpm", JSON), so any result can be reproduced.
 """
 import argparse
@@ -24,14 +24,16 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, checks
-from .atomic import OutputError, Outputs
-from .checkpoint import CheckpointError
-from .checks import InputError
-from .defaults import ETA, SOURCE_GUIDANCE, STEPS, default_colour_range, default_skip
-from .images import LargeImageWarning, grid, load_image, load_mask, open_image, png_writer, to_pil
-from .inversion import LatentCode
-from .shapes import DEFAULT_MODEL
+from efddpm import __version__
+from efddpm.core import checks
+from efddpm.core.atomic import OutputError, Outputs
+from efddpm.checkpoint import CheckpointError
+from efddpm.core.checks import InputError
+from efddpm.method.defaults import ETA, SOURCE_GUIDANCE, STEPS, default_colour_range, default_skip
+from efddpm.app.images import LargeImageWarning, grid, load_image, load_mask, open_image, png_writer, to_pil
+from efddpm.method.inversion import LatentCode
+from efddpm.method.scheduler import max_steps
+from efddpm.app.embedded import DEFAULT_MODEL
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,7 +147,7 @@ def build_parser() -> Parser:
 
 def check_settings(args) -> None:
     """The numbers, before any work: finite, in range, and consistent with each other."""
-    args.steps = checks.steps(args.steps, "--steps")
+    args.steps = checks.steps(args.steps, max_steps(), "--steps")
     if getattr(args, "skip", None) is not None:
         args.skip = checks.skip(args.skip, args.steps, "--skip")
     elif args.command in ("edit", "batch"):
@@ -234,7 +236,7 @@ def read_noise(path: str | None) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------------- running
 
 def load_editor(args, model: str | None = None):
-    from .pipeline import Editor
+    from efddpm.app.editor import Editor
     source = model or args.model or str(DEFAULT_MODEL)
     if not (model or args.model) and not DEFAULT_MODEL.is_file():
         raise UsageError(f"no --model given and the embedded model {DEFAULT_MODEL} is missing (a checkout has it in "

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .unet import Upsample  # the same nearest-x2-then-conv block, named `conv` in both checkpoints
+from efddpm.nets.unet import Upsample  # the same nearest-x2-then-conv block, named `conv` in both checkpoints
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,6 @@ import os
 
 import torch
 
-from .scheduler import SD1, max_steps
-
 MAX_GUIDANCE = 100.0      # classifier-free guidance beyond this overflows or saturates every pixel
 MAX_STRENGTH = 100.0      # colour manipulation strength s
 MAX_SEED = 2 ** 63 - 1    # torch.Generator.manual_seed takes 64-bit seeds; one more bit is kept for seed + k
@@ -49,9 +47,9 @@ def _fmt(v, missing: str = "") -> str:
     return missing if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def steps(value, name: str = "steps") -> int:
-    """N sampling steps: 1..999 for SD1.x (the grid of 1000 would need t = 1000, see scheduler.max_steps)."""
-    return integer(name, value, low=1, high=max_steps(SD1))
+def steps(value, most: int, name: str = "steps") -> int:
+    """N sampling steps, 1..most (most: efddpm.method.scheduler.max_steps, 999 for SD1.x)."""
+    return integer(name, value, low=1, high=most)
 
 
 def skip(value, num_steps: int, name: str = "skip", *, inverted_skip: int = 0) -> int:

@@ -42,11 +42,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import checks
-from .atomic import write_atomically
-from .checks import InputError
-from .defaults import ETA, SOURCE_GUIDANCE, STEPS, TARGET_GUIDANCE, default_skip
-from .scheduler import (SD1, ScheduleConfig, alphas_cumprod, ddpm_step, forward_chain_step,
+from efddpm.core import checks
+from efddpm.core.atomic import write_atomically
+from efddpm.core.checks import InputError
+from efddpm.method.defaults import ETA, SOURCE_GUIDANCE, STEPS, TARGET_GUIDANCE, default_skip
+from efddpm.method.scheduler import (SD1, ScheduleConfig, alphas_cumprod, ddpm_step, forward_chain_step,
                         marginal, mu, predicted_x0, step_coefficients, timesteps)
 
 NoisePredictor = Callable[[Tensor, Tensor, Any], Tensor]
@@ -121,7 +121,7 @@ class LatentCode:
                           dict(self.settings))
 
     def save(self, path: str, overwrite: bool = True) -> None:
-        """Write a .safetensors file, atomically (efddpm.atomic); the settings go in its metadata as JSON."""
+        """Write a .safetensors file, atomically (efddpm.core.atomic); the settings go in its metadata as JSON."""
         write_atomically(Path(path), self.write, overwrite=overwrite)
 
     def write(self, path: Path) -> None:
@@ -450,7 +450,7 @@ def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guid
 def edit(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guidance=TARGET_GUIDANCE, *,
          skip: int | None = None, eta: float | None = None, **kwargs) -> Tensor:
     """Text-based editing (Sec. 3): regenerate with the target prompt(s) and guidance(s), from
-    T - T_skip. Defaults (efddpm.defaults): w_tgt = 15, T_skip = 36 of 100 scaled to the code's
+    T - T_skip. Defaults (efddpm.method.defaults): w_tgt = 15, T_skip = 36 of 100 scaled to the code's
     steps, eta = the code's (1)."""
     skip = default_skip(code.num_steps) if skip is None else skip
     return regenerate(f, code, cond, uncond, guidance, skip=skip, eta=eta, **kwargs)

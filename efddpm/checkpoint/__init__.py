@@ -37,12 +37,12 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import write_atomically
-from .clip import CLIPTextConfig, CLIPTextModel
-from .defaults import MODEL_DEFAULT_KEYS
-from .tokenizer import CLIPTokenizer
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
+from efddpm.core.atomic import write_atomically
+from efddpm.nets.clip import CLIPTextConfig, CLIPTextModel
+from efddpm.method.defaults import MODEL_DEFAULT_KEYS
+from efddpm.nets.tokenizer import CLIPTokenizer
+from efddpm.nets.unet import UNet, UNetConfig
+from efddpm.nets.vae import AutoencoderKL, VAEConfig
 
 
 SD1_IMAGE_SIZE = 512
@@ -62,7 +62,7 @@ class StableDiffusionModels:
     scheduler_config: dict | None        # scheduler/scheduler_config.json of a diffusers folder, else None
     source: str
     image_size: int = SD1_IMAGE_SIZE     # the side of the pictures the model was trained on
-    defaults: dict = field(default_factory=dict)  # settings the model recommends over the paper's (efddpm.defaults)
+    defaults: dict = field(default_factory=dict)  # settings the model recommends over the paper's (efddpm.method.defaults)
 
 
 @dataclass
@@ -126,7 +126,7 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype
 def save_single_file(path: str | os.PathLike, unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                      image_size: int = SD1_IMAGE_SIZE, defaults: dict | None = None) -> None:
     """Write the three models in the original single-file layout as .safetensors, their configs, the training
-    image size and the model's recommended settings (`defaults`, keys of efddpm.defaults.MODEL_DEFAULT_KEYS) as
+    image size and the model's recommended settings (`defaults`, keys of efddpm.method.defaults.MODEL_DEFAULT_KEYS) as
     JSON in the metadata, so that load() rebuilds them exactly. The file is replaced atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
