@@ -27,6 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from efddpm import AutoencoderKL, CLIPTextModel, CLIPTokenizer, Editor, StableDiffusionModels, UNet  # noqa: E402
 from efddpm.checkpoint import save_single_file  # noqa: E402
+from efddpm.method.scheduler import diffusers_config  # noqa: E402
 
 DEV, STEPS, SKIP, W_SRC, W_TGT = "cuda", 100, 36, 3.5, 15.0
 SOURCE, TARGET = "a photo of a cat sitting on a sofa", "a photo of a dog sitting on a sofa"
@@ -86,8 +87,7 @@ def diffusers_setup():
     text = HFText(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
                   ).to(DEV, torch.float16)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+    sched = DDIMScheduler(**diffusers_config())
     sched.set_timesteps(STEPS)
     tok = CLIPTokenizer.bundled()
 

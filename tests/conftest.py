@@ -4,20 +4,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from efddpm import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet, VAEConfig, save_single_file
+from efddpm import AutoencoderKL, CLIPTextModel, UNet, save_single_file
 
-from inversion_util import SMALL
-from models_util import randomize_
+from models_util import CLI_CLIP, CLI_VAE, METHOD_UNET, randomize_
 
 
 @pytest.fixture(scope="session")
 def model(tmp_path_factory) -> Path:
     """A small SD1.x-layout model (random weights) for 32x32 pictures, as one official-layout file."""
     path = tmp_path_factory.mktemp("model") / "tiny-sd.safetensors"
-    unet = UNet(SMALL)
-    vae = AutoencoderKL(VAEConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8))
-    text = CLIPTextModel(CLIPTextConfig(width=32, layers=1, heads=2, mlp_width=64))
-    save_single_file(path, *(randomize_(m, seed) for seed, m in enumerate((unet, vae, text))), image_size=32)
+    models = UNet(METHOD_UNET), AutoencoderKL(CLI_VAE), CLIPTextModel(CLI_CLIP)
+    save_single_file(path, *(randomize_(m, seed) for seed, m in enumerate(models)), image_size=32)
     return path
 
 

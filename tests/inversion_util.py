@@ -1,14 +1,13 @@
-"""Helpers of the inversion tests: a small random UNet as a noise predictor, and closed-form ones."""
+"""Helpers of the inversion tests: a small random UNet as a noise predictor, stand-in prompts and latents.
+(The closed-form predictor of Gaussian data is efddpm.method.toy.gaussian_noise_predictor.)"""
 from functools import lru_cache
 
 import pytest
 import torch
 
-from efddpm.method.scheduler import alphas_cumprod
-from efddpm.nets.unet import UNet, UNetConfig
+from efddpm.nets.unet import UNet
 
-SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                   num_heads=2, context_dim=32, norm_groups=8)
+from models_util import METHOD_UNET
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,7 +24,7 @@ def one_thread():
 def small_unet(dtype: torch.dtype = torch.float64, seed: int = 0) -> UNet:
     """A small UNet with PyTorch's default (random, non-zero) initialisation."""
     torch.manual_seed(seed)
-    return UNet(SMALL).to(dtype).eval()
+    return UNet(METHOD_UNET).to(dtype).eval()
 
 
 def unet_predictor(dtype: torch.dtype = torch.float64, seed: int = 0, calls: list | None = None):
@@ -43,8 +42,8 @@ def unet_predictor(dtype: torch.dtype = torch.float64, seed: int = 0, calls: lis
 def prompts(dtype: torch.dtype = torch.float64, n: int = 3, seed: int = 1):
     """(uncond [1, 8, 32], conds [n, 8, 32]): stand-ins for text embeddings."""
     g = torch.Generator().manual_seed(seed)
-    uncond = torch.randn(1, 8, SMALL.context_dim, generator=g, dtype=dtype)
-    conds = torch.randn(n, 8, SMALL.context_dim, generator=g, dtype=dtype)
+    uncond = torch.randn(1, 8, METHOD_UNET.context_dim, generator=g, dtype=dtype)
+    conds = torch.randn(n, 8, METHOD_UNET.context_dim, generator=g, dtype=dtype)
     return uncond, conds
 
 
@@ -54,15 +53,3 @@ def latent(dtype: torch.dtype = torch.float64, seed: int = 2, size: int = 8) -> 
     low = torch.randn(1, 4, 4, 4, generator=g, dtype=torch.float64)
     return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear",
                                            align_corners=False).to(dtype)
-
-
-def gaussian_image_predictor(mean: float = 0.0, schedule=None):
-    """The ideal f for data N(mean, I) in any shape; pointwise, so exactly shift-equivariant.
-    cond, if given, is a per-row mean [B, 1, ...] (a "prompt")."""
-    abar = alphas_cumprod() if schedule is None else alphas_cumprod(schedule)
-
-    def f(x, t, cond=None):
-        a = abar[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))           # [B, 1, ...]
-        m = mean if cond is None else cond.to(x.dtype)
-        return (1 - a).sqrt() * (x - a.sqrt() * m)
-    return f

@@ -12,10 +12,32 @@ from efddpm.nets.vae import VAEConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sd1-keys"  # tensor names and shapes of the real SD1 files
 
+# Small configs, one per purpose: the tests' thresholds and measured numbers were taken on these, so a change
+# means measuring again.
+# The networks' own tests (parity with diffusers / transformers, dtypes, compile, training, file metadata):
 SMALL_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),
                         num_heads=2, context_dim=24, norm_groups=8)
 SMALL_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
 SMALL_CLIP = CLIPTextConfig(vocab_size=1000, width=64, layers=3, heads=4, mlp_width=128)
+# UNet parity without attention at the top level, and with other than 4 channels in and out:
+UNET_WITHOUT_TOP_ATTENTION = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                        attention_levels=(1,), num_heads=4, context_dim=8, norm_groups=4,
+                                        in_channels=3, out_channels=5)
+# Checkpoint round trips: what the shapes cannot tell (heads, norm groups) is SD1.x's, so files without metadata
+# load into the same configs; the real vocabulary, so tokenizer ids fit:
+SD1_LIKE_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1),
+                           context_dim=48)
+SD1_LIKE_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+SD1_LIKE_CLIP = CLIPTextConfig(width=48, layers=2, heads=12, mlp_width=96)
+# The method's tests: a UNet fast enough as a float64 noise predictor (inversion_util.py); with CLI_VAE and CLI_CLIP
+# it is also the model file of the command-line and bad-input tests (conftest.py, 32x32 pictures):
+METHOD_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                         num_heads=2, context_dim=32, norm_groups=8)
+CLI_VAE = VAEConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+CLI_CLIP = CLIPTextConfig(width=32, layers=1, heads=2, mlp_width=64)
+# The fast path's tests (test_fast_path.py), narrower still:
+FAST_PATH_UNET = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                            num_heads=2, context_dim=16, norm_groups=4)
 
 
 def fixture_shapes(name: str) -> dict[str, list[int]]:

@@ -188,8 +188,8 @@ def test_cli_refuses(tmp_path, capsys, picture, model, case):
 
 def test_disk_full_after_the_first_png_leaves_nothing(tmp_path, capsys, picture, model, monkeypatch):
     """ENOSPC while writing the second of two PNGs: neither appears, no temporary file is left."""
-    import efddpm.app.cli
-    real, calls = efddpm.app.cli.png_writer, []
+    import efddpm.app.cli.runner
+    real, calls = efddpm.app.cli.runner.png_writer, []
 
     def writer(img, metadata):
         write = real(img, metadata)
@@ -200,7 +200,7 @@ def test_disk_full_after_the_first_png_leaves_nothing(tmp_path, capsys, picture,
                 raise OSError(errno.ENOSPC, "No space left on device")
             write(tmp)
         return fill
-    monkeypatch.setattr(efddpm.app.cli, "png_writer", writer)
+    monkeypatch.setattr(efddpm.app.cli.runner, "png_writer", writer)
     out = tmp_path / "out"
     code, err = run_cli(capsys, ["edit", picture, "--target", "a", "--target", "b", "--model", model, "--out", out,
                                  *FAST])

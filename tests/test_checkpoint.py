@@ -23,14 +23,11 @@ from models_util import (SMALL_UNET, SMALL_VAE, diffusers_unet_config, diffusers
 
 
 # Tiny models whose non-inferable settings (heads, norm groups) are SD1.x's, so that files without
-# metadata load into the same configs.
-TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1),
-                       context_dim=48)
-TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
-TINY_CLIP = CLIPTextConfig(width=48, layers=2, heads=12, mlp_width=96)  # the real vocabulary: tokenizer ids fit
-SD1_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                 "steps_offset": 1, "skip_prk_steps": True}
+# metadata load into the same configs (the presets of models_util.py); SD1.x's scheduler as a diffusers folder has it.
+from efddpm.method.scheduler import diffusers_config
+from models_util import SD1_LIKE_CLIP as TINY_CLIP, SD1_LIKE_UNET as TINY_UNET, SD1_LIKE_VAE as TINY_VAE
+
+SD1_SCHEDULER = {"_class_name": "PNDMScheduler", **diffusers_config(), "skip_prk_steps": True}
 REL_TOL = 1e-5
 
 
@@ -85,7 +82,7 @@ def test_diffusers_vae_rules_give_the_sd1_file_layout(old_attention_names, diffu
     mapped = {}
     for key, t in tensors.items():
         name = ckpt.diffusers_vae_name(key, 4)
-        mapped[name] = list(ckpt._conv_1x1(name, t).shape)
+        mapped[name] = list(ckpt.conv_1x1(name, t).shape)
     assert mapped == fixture_shapes("VAE-v1-SD.txt")
 
 
@@ -207,7 +204,8 @@ def test_folder_saved_by_diffusers_loads_and_tokenizes_as_transformers(saved_pip
 def files_read(monkeypatch) -> list[str]:
     """Record the names of the weight files load() opens."""
     names, read = [], ckpt.read_tensors
-    monkeypatch.setattr(ckpt, "read_tensors", lambda path: names.append(path.name) or read(path))
+    monkeypatch.setattr("efddpm.checkpoint.diffusers.read_tensors",  # where the diffusers reader looks it up
+                        lambda path: names.append(path.name) or read(path))
     return names
 
 

@@ -189,7 +189,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, picture, mod
 
 def test_missing_embedded_model_without_model_flag(tmp_path, picture, capsys, monkeypatch):
     """An install without weights/ (not an editable one): a one-line error, never random weights."""
-    monkeypatch.setattr("efddpm.app.cli.DEFAULT_MODEL", tmp_path / "weights" / "efddpm-shapes.safetensors")
+    monkeypatch.setattr("efddpm.app.cli.runner.DEFAULT_MODEL", tmp_path / "weights" / "efddpm-shapes.safetensors")
     assert main(["edit", str(picture), "--target", "x", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no --model given and the embedded model" in err[0] and "pass --model" in err[0]

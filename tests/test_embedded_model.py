@@ -18,7 +18,8 @@ Measured on this model (float32, CPU, torch 2.13), with the settings of the test
     `efddpm edit` without --model, offline, on the first of those: purple reached, IoU 0.62 (threshold 0.4).
 For scale: the same shape drawn at a random size and place overlaps the input with IoU 0.18 on average,
 >= 0.5 in 5.5% of cases (200 held-out pictures), so the thresholds fail an edit that ignores where the input's
-shape was. benchmarks/edit_benchmark.py measures the same of native DDPM, DDIM and SDEdit.
+shape was. The edits are run and measured by efddpm.miniature.measure, as benchmarks/edit_benchmark.py runs and
+measures them (also for native DDPM, DDIM and SDEdit).
 """
 import json
 import os
@@ -32,9 +33,10 @@ import torch
 
 import efddpm
 from efddpm.app.embedded import DEFAULT_MODEL
-from efddpm.miniature import world
 from efddpm.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, read_tensors
-from efddpm.method.inversion import edit_friendly_inversion, regenerate
+from efddpm.method.inversion import regenerate
+from efddpm.miniature import world
+from efddpm.miniature.measure import EditSet, Setting, measure_edit
 from PIL import Image
 
 from inversion_util import one_thread  # noqa: F401  (autouse fixture: one thread)
@@ -59,25 +61,6 @@ def model():
     return efddpm.load(MODEL)
 
 
-def encode(m, images: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.inference_mode():
-        return m.vae.encode(x).mode() * m.vae.config.scaling_factor
-
-
-def decode(m, x0: torch.Tensor) -> np.ndarray:
-    with torch.inference_mode():
-        img = m.vae.decode(x0 / m.vae.config.scaling_factor).clamp(-1, 1)
-    return ((img + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def predictor(m):
-    @torch.inference_mode()
-    def f(x, t, c):
-        return m.unet(x, t, c)
-    return f
-
-
 def test_shipped_file_is_the_official_layout(model):
     tensors, _ = read_tensors(MODEL)
     assert MODEL.stat().st_size <= 25 * 2 ** 20
@@ -91,44 +74,17 @@ def test_shipped_file_is_the_official_layout(model):
 
 
 def test_exact_reconstruction_of_a_held_out_picture(model):
-    p = world.heldout_pictures(1)[0]
-    x0 = encode(model, world.render(p)[None])
-    with torch.inference_mode():
-        cond, uncond = model.text_encoder(model.tokenizer([p.caption])), model.text_encoder(model.tokenizer([""]))
-    f = predictor(model)
-    code = edit_friendly_inversion(f, x0, cond, uncond, 3.5, generator=torch.Generator().manual_seed(0))
-    err = (regenerate(f, code, cond, uncond) - x0).abs().max()
+    edits = EditSet(model, world.heldout_pictures(1))      # inverted with w_src 3.5, seed 0
+    err = (regenerate(edits.f, edits.code("edit-friendly"), edits.source, edits.uncond) - edits.x0).abs().max()
     assert err <= 1e-5
 
 
 def colour_edits(model, pics: list) -> tuple[list[bool], list[float]]:
     """Edit-friendly colour edits (w_src 3.5, skip 36 of 100, inversion seed 0, target guidance 7.5), batched:
     (target colour reached, mask IoU with the input) per picture."""
-    targets = [world.edit_targets(p)[0] for p in pics]
-    src_imgs = world.render_many(pics)
-    x0 = encode(model, src_imgs)
-    with torch.inference_mode():
-        text = lambda prompts: model.text_encoder(model.tokenizer(prompts))    # noqa: E731
-        src, tgt, uncond = text([p.caption for p in pics]), text([t.caption for t in targets]), text([""])
-    f = predictor(model)
-    code = edit_friendly_inversion(f, x0, src, uncond, 3.5, generator=torch.Generator().manual_seed(0))
-    out = decode(model, regenerate(f, code, tgt, uncond, TARGET_GUIDANCE, skip=36))
-    hits, ious = [], []
-    for p, t, s_img, o_img in zip(pics, targets, src_imgs, out):
-        mask = world.shape_mask(o_img, p.background)
-        hits.append(world.shape_colour(o_img, mask) == t.colour)
-        ious.append(world.iou(world.shape_mask(s_img, p.background), mask))
-    return hits, ious
-
-
-def within_contrast_pictures(n: int) -> list:
-    """The first n held-out pictures whose colour edit is within contrast (world.recolour_within_contrast)."""
-    out = []
-    for p in world.stream(0, "heldout"):
-        if world.recolour_within_contrast(p, world.edit_targets(p)[0]):
-            out.append(p)
-        if len(out) == n:
-            return out
+    edits = EditSet(model, pics)
+    rows = edits.measure(edits.run(Setting("edit-friendly", 36, TARGET_GUIDANCE), "colour"), "colour")
+    return [r["hit"] for r in rows], [r["mask_iou"] for r in rows]
 
 
 def test_colour_edits_reach_the_target_and_keep_the_shape(model):
@@ -142,7 +98,7 @@ def test_colour_edits_reach_the_target_and_keep_the_shape(model):
 
 
 def test_colour_edits_within_contrast_keep_the_shape_in_place(model):
-    hits, ious = colour_edits(model, within_contrast_pictures(N_WITHIN))
+    hits, ious = colour_edits(model, world.within_contrast_pictures(N_WITHIN))
     assert sum(hits) >= MIN_HITS_WITHIN, (hits, ious)
     assert np.mean(ious) >= MIN_MEAN_IOU_WITHIN and min(ious) >= MIN_IOU_WITHIN, ious
 
@@ -150,7 +106,7 @@ def test_colour_edits_within_contrast_keep_the_shape_in_place(model):
 def test_cli_edits_a_picture_offline_with_the_embedded_model(tmp_path):
     """`efddpm edit` with no --model and no network, reference settings (100 steps, skip 36) and the model's
     default target guidance (7.5): the shape takes the target colour in place."""
-    p = within_contrast_pictures(1)[0]
+    p = world.within_contrast_pictures(1)[0]
     target = world.edit_targets(p)[0]
     Image.fromarray(world.render(p)).save(tmp_path / "in.png")
     r = subprocess.run([sys.executable, "-m", "efddpm", "edit", str(tmp_path / "in.png"), "--source", p.caption,
@@ -161,9 +117,9 @@ def test_cli_edits_a_picture_offline_with_the_embedded_model(tmp_path):
     with Image.open(tmp_path / "out" / "in_1.png") as img:
         meta, out = json.loads(img.text["efddpm"]), np.array(img.convert("RGB"))
     assert (meta["model"], meta["steps"], meta["skip"], meta["cfg_tgt"]) == (str(MODEL), 100, 36, TARGET_GUIDANCE)
-    mask = world.shape_mask(out, p.background)
-    assert world.shape_colour(out, mask) == target.colour
-    assert world.iou(world.shape_mask(world.render(p), p.background), mask) >= MIN_IOU_WITHIN
+    measured = measure_edit(p, target, "colour", world.render(p), out)
+    assert measured["hit"]
+    assert measured["mask_iou"] >= MIN_IOU_WITHIN
 
 
 def test_a_wheel_install_carries_the_embedded_model(tmp_path):

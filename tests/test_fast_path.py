@@ -1,25 +1,32 @@
-"""The fast path's logic on the CPU: batched inversion over timesteps equals the step-by-step Algorithm 1,
+"""The fast path's logic on the CPU: batched inversion over timesteps (efddpm.app.fast.extract_noise_batched)
+equals the literal Algorithm 1 (efddpm.method.inversion.extract_noise),
 and the steps an edit never uses are never computed. (Its speed is measured by benchmarks/speed.py on a GPU.)
 
 Tolerances: float64 1e-10 (rounding only), float32 1e-5 relative (batch composition changes summation order).
 """
+from functools import partial
+
 import pytest
 import torch
 
-from efddpm.method.inversion import edit, edit_friendly_inversion, native_inversion, regenerate
+from efddpm.app.fast import extract_noise_batched
+from efddpm.method.inversion import edit, edit_friendly_inversion, extract_noise, native_inversion, regenerate
 from efddpm.method.scheduler import timesteps
-from efddpm.nets.unet import UNet, UNetConfig
+from efddpm.nets.unet import UNet
 
-from models_util import randomize_
+from models_util import FAST_PATH_UNET, randomize_
 
-CONFIG = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-                    context_dim=16, norm_groups=4)
 STEPS = 40
+
+
+def batched(chunk: int):
+    """The fast path's extraction with `chunk` steps per call (chunk 1: the literal Algorithm 1 instead)."""
+    return extract_noise if chunk == 1 else partial(extract_noise_batched, chunk=chunk)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    unet = randomize_(UNet(CONFIG).double().eval(), 0)
+    unet = randomize_(UNet(FAST_PATH_UNET).double().eval(), 0)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64)
     cond, uncond = torch.randn(1, 77, 16, generator=gen), torch.randn(1, 77, 16, generator=gen)
@@ -45,7 +52,7 @@ def test_batched_inversion_equals_step_by_step(setup, dtype, tol, recon_tol, inv
     half-precision inversions, and float32 keeps chunk = 1 and the exact reconstruction."""
     unet, x0, cond, uncond = setup
     codes = [invert(network(unet, dtype), x0.to(dtype), cond.to(dtype), uncond.to(dtype), 3.5, num_steps=STEPS,
-                    generator=torch.Generator().manual_seed(1), chunk=chunk) for chunk in (1, 7)]
+                    generator=torch.Generator().manual_seed(1), extract=batched(chunk)) for chunk in (1, 7)]
     a, b = codes[0].zs, codes[1].zs
     assert ((a - b).norm() / a.norm()).item() <= tol
     out = regenerate(network(unet, dtype), codes[1], cond.to(dtype), uncond.to(dtype))  # guidance on
@@ -56,7 +63,7 @@ def test_skipped_steps_are_never_computed(setup):
     unet, x0, cond, uncond = setup
     skip, calls = 14, []
     code = edit_friendly_inversion(network(unet, torch.float64, calls), x0, cond, uncond, 3.5, num_steps=STEPS,
-                                   generator=torch.Generator().manual_seed(1), skip=skip, chunk=5)
+                                   generator=torch.Generator().manual_seed(1), skip=skip, extract=batched(5))
     ts = timesteps(STEPS)
     seen = sorted({t for call in calls for t in call}, reverse=True)
     assert seen == ts[skip:].tolist()                                # only the timesteps the edit uses
@@ -73,6 +80,7 @@ def test_skipping_inversion_gives_the_same_edit(setup):
     outs = []
     for inversion_skip, chunk in ((0, 1), (14, 9)):
         code = edit_friendly_inversion(network(unet, torch.float64), x0, cond, uncond, 3.5, num_steps=STEPS,
-                                       generator=torch.Generator().manual_seed(2), skip=inversion_skip, chunk=chunk)
+                                       generator=torch.Generator().manual_seed(2), skip=inversion_skip,
+                                       extract=batched(chunk))
         outs.append(edit(network(unet, torch.float64), code, target, uncond, 15.0, skip=14))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-10

@@ -283,8 +283,7 @@ def test_audit_options_reproduce_the_authors_code(eta, n):
     """Our inversion/editing with reference_direction=True, zero_last_noise=True equals the
     authors' loop (same noise). Tables in float64 on both sides, so only operation order differs."""
     diffusers = pytest.importorskip("diffusers")
-    sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched = diffusers.DDIMScheduler(**S.diffusers_config())
     sched.set_timesteps(n)
     sched.alphas_cumprod = sched.alphas_cumprod.double()
     sched.final_alpha_cumprod = sched.final_alpha_cumprod.double()

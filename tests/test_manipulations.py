@@ -3,9 +3,11 @@ import torch
 
 from efddpm.method import inversion as I
 from efddpm.method import manipulations as M
+from efddpm.method.scheduler import SD1
+from efddpm.method.toy import gaussian_noise_predictor
 
 from inversion_util import one_thread  # noqa: F401  (autouse fixture)
-from inversion_util import gaussian_image_predictor, latent, prompts, unet_predictor
+from inversion_util import latent, prompts, unet_predictor
 
 
 def test_shift_and_interior():
@@ -20,7 +22,7 @@ def test_shift_and_interior():
 def test_shifted_code_of_equivariant_model_is_shifted_image():
     """With an exactly shift-equivariant predictor (pointwise) both codes shift the output
     exactly: checks shift_code moves x_T, every z_t and the trajectory consistently."""
-    f = gaussian_image_predictor()
+    f = gaussian_noise_predictor(mean=0.0, schedule=SD1)   # N(0, I) data: pointwise
     x0 = latent(size=12)
     for method in (I.edit_friendly_inversion, I.native_inversion):
         code = method(f, x0, guidance=None, num_steps=50, generator=torch.Generator().manual_seed(0))
@@ -35,7 +37,7 @@ def denoiser_like_unet(lam: float = 0.3):
     """A small "model" that denoises: the ideal predictor of N(0, I) data plus lam times a random
     small UNet, which brings what a real network has and a pointwise one lacks: zero padding,
     strided down-sampling, attention, so shifting is not exactly equivariant."""
-    ideal, unet = gaussian_image_predictor(), unet_predictor(torch.float32)
+    ideal, unet = gaussian_noise_predictor(mean=0.0, schedule=SD1), unet_predictor(torch.float32)
 
     def f(x, t, cond):
         return ideal(x, t) + lam * unet(x, t, cond)

@@ -110,8 +110,8 @@ def test_unet_parity_small():
 
 
 def test_unet_parity_small_no_attention_at_top_level():
-    check_unet(UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                          num_heads=4, context_dim=8, norm_groups=4, in_channels=3, out_channels=5), latent=8, seed=1)
+    from models_util import UNET_WITHOUT_TOP_ATTENTION
+    check_unet(UNET_WITHOUT_TOP_ATTENTION, latent=8, seed=1)
 
 
 def test_vae_parity_small():

@@ -6,9 +6,7 @@ import torch
 
 from efddpm.method import scheduler as S
 
-SD1_DIFFUSERS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                     steps_offset=1)
+SD1_DIFFUSERS = S.diffusers_config()
 
 
 @pytest.fixture(scope="module")

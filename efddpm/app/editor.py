@@ -15,26 +15,25 @@ Defaults are the paper's (efddpm.method.defaults), except where the model's file
 the embedded shapes model's target guidance 7.5). Every argument is checked (efddpm.core.checks): a bad one raises
 InputError, a ValueError with a one-line message.
 """
-import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from functools import partial
 
 import torch
 from PIL import Image
 
-from efddpm.core import checks
+from efddpm.app.fast import GraphedUNet, extract_noise_batched, inversion_chunk
+from efddpm.app.images import load_image, load_mask, to_pil
+from efddpm.app.networks import Progress, decode_latents, encode_pictures, encode_prompts, unet_predictor
 from efddpm.checkpoint import CheckpointError, StableDiffusionModels, load
+from efddpm.core import checks
 from efddpm.core.checks import InputError
 from efddpm.method.defaults import (COLOUR_STRENGTH, ETA, SHIFT_SKIP_FRACTION, SOURCE_GUIDANCE, STEPS, TARGET_GUIDANCE,
                        default_colour_range, default_skip)
-from efddpm.app.fast import GraphedUNet, inversion_chunk
-from efddpm.app.images import load_image, load_mask, to_pil
-from efddpm.method.inversion import LatentCode, edit_friendly_inversion, regenerate
+from efddpm.method.inversion import edit_friendly_inversion, extract_noise, regenerate
+from efddpm.method.latent_code import LatentCode
 from efddpm.method.manipulations import colour_edit, colour_target, latent_mask, shift_code
 from efddpm.method.scheduler import SD1, check_alphas_cumprod, max_steps
-
-Progress = Callable[[int], None]  # called with the number of network calls just made
 
 
 def check_schedule(models: StableDiffusionModels) -> None:
@@ -50,21 +49,6 @@ def check_schedule(models: StableDiffusionModels) -> None:
     different = {k: cfg[k] for k, v in expected.items() if k in cfg and cfg[k] != v}
     if different:
         raise CheckpointError(f"{models.source}: scheduler_config.json has {different}, SD1.x's schedule is {expected}")
-
-
-@contextlib.contextmanager
-def exact_float32(dtype: torch.dtype):
-    """For float32 networks on CUDA, keep convolutions and matmuls in true float32 (no TF32, whose 10-bit
-    mantissa would break the exact reconstruction); other dtypes are left alone."""
-    if dtype != torch.float32 or not torch.cuda.is_available():
-        yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _guidance_list(value, n: int) -> list[float] | float:
@@ -190,7 +174,7 @@ class Editor:
             raise InputError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
         for message in self.prompt_warnings(prompts):
             warnings.warn(message, stacklevel=3)
-        return self.models.text_encoder(self.models.tokenizer(prompts).to(self.device))  # [B, 77, width]
+        return encode_prompts(self.models.tokenizer, self.models.text_encoder, prompts)  # [B, 77, width]
 
     @torch.inference_mode()
     def encode_image(self, image, size: int | None = None) -> tuple[torch.Tensor, str]:
@@ -198,34 +182,21 @@ class Editor:
         in the method's dtype (float32, float64 for a float64 editor), and a line saying how the image was
         cropped and resized (efddpm.app.images)."""
         pixels, note = load_image(image, self.check_size(size))              # [1, 3, size, size] in [-1, 1]
-        vae = self.models.vae
-        x0 = vae.encode(pixels.to(self.device, self.dtype)).mode() * vae.config.scaling_factor  # the mean, scaled
-        return x0.to(torch.promote_types(self.dtype, torch.float32)), note   # x_t never in half precision
+        return encode_pictures(self.models.vae, pixels, dtype=self.dtype), note
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """x_0 latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1] (float32); refuses non-finite latents."""
-        vae = self.models.vae
-        latents = self.check_output(latents)
-        return vae.decode((latents / vae.config.scaling_factor).to(self.dtype)).float().clamp(-1, 1)
+        return decode_latents(self.models.vae, self.check_output(latents), dtype=self.dtype)
 
     def noise_predictor(self, progress: Progress | None = None, graphed: bool = False):
         """f(x_t, t, text) for efddpm.method.inversion: the UNet in the editor's dtype (the method upcasts its output);
         graphed: replayed from CUDA graphs (the fast path's sequential regeneration)."""
-        unet, dtype = self.models.unet, self.dtype
+        unet = self.models.unet
         if graphed and self.fast:
             self.graphed_unet = self.graphed_unet or GraphedUNet(unet)
             unet = self.graphed_unet
-
-        @torch.inference_mode()
-        def f(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            with exact_float32(dtype):
-                eps = unet(x.to(dtype), t, context.to(dtype))
-            if progress is not None:
-                progress(1)
-            return eps
-
-        return f
+        return unet_predictor(unet, dtype=self.dtype, progress=progress)
 
     # ------------------------------------------------------------------ the job
 
@@ -271,7 +242,8 @@ class Editor:
         def run(chunk: int) -> LatentCode:
             return edit_friendly_inversion(
                 self.noise_predictor(progress, graphed=chunk == 1), x0, cond, uncond, guidance, num_steps=steps,
-                eta=eta, generator=generator, noise=noise, skip=skip, chunk=chunk,
+                eta=eta, generator=generator, noise=noise, skip=skip,
+                extract=extract_noise if chunk == 1 else partial(extract_noise_batched, chunk=chunk),
                 meta={"source_prompt": source_prompt, "model": self.models.source, "image": note,
                       "model_dtype": str(self.dtype).removeprefix("torch."), "chunk": chunk})
         try:

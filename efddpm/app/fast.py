@@ -1,17 +1,26 @@
-"""The CUDA fast path: the same mathematics with fewer kernel launches and fuller batches.
+"""The CUDA fast path, in one module: the same mathematics with fewer kernel launches and fuller batches.
 
 At batch 2 an SD1.x UNet step is bound by the host launching ~1,000 kernels, not by the GPU. So:
 
 - the inversion skips the steps the edit never uses (efddpm.method.inversion.extract_noise's `skip`) and, in half
-  precision, evaluates many timesteps in one batched call (Algorithm 1 draws every x_t independently; `chunk`);
-- the sequential steps replay a CUDA graph of the UNet, captured once per input shape;
-- the UNet runs in channels_last memory format (cuDNN's faster NHWC convolutions; 12% on the whole edit).
+  precision, evaluates many timesteps in one batched call (extract_noise_batched; Algorithm 1 draws every x_t
+  independently, so the steps depend on each other only through the write-back, whose change is rounding);
+- the sequential steps replay a CUDA graph of the UNet, captured once per input shape (GraphedUNet);
+- the UNet runs in channels_last memory format (cuDNN's faster NHWC convolutions; 12% on the whole edit;
+  Editor.from_pretrained sets it);
+- float32 networks on CUDA run without TF32 (exact_float32), so the float32 reconstruction stays exact.
 
-Nothing here changes a formula; tests/test_fast_path.py checks the batched inversion against the
-step-by-step one on the CPU, benchmarks/speed.py measures it on a GPU.
+Nothing here changes a formula; tests/test_fast_path.py checks the batched inversion against the literal
+Algorithm 1 on the CPU, benchmarks/speed.py measures it on a GPU.
 """
+import contextlib
+
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from efddpm.method.defaults import ETA
+from efddpm.method.network import NoisePredictor, guided_eps, rows
+from efddpm.method.scheduler import SD1, ScheduleConfig, alphas_cumprod, ddpm_step, mu, step_coefficients
 
 SATURATING_BATCH = 32  # samples per UNet call; an H100 gains nothing beyond (SD1.x fp16: 3.3 ms/sample at 32, 3.2 at 64)
 
@@ -28,6 +37,21 @@ def inversion_chunk(latent: torch.Tensor, steps: int, per_step: int, dtype: torc
     if latent.device.type != "cuda" or dtype.itemsize > 2:
         return 1
     return max(1, min(steps, SATURATING_BATCH // per_step))
+
+
+@contextlib.contextmanager
+def exact_float32(dtype: torch.dtype):
+    """For float32 networks on CUDA, keep convolutions and matmuls in true float32 (no TF32, whose 10-bit
+    mantissa would break the exact reconstruction); other dtypes are left alone."""
+    if dtype != torch.float32 or not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class GraphedUNet:
@@ -62,3 +86,43 @@ class GraphedUNet:
         with torch.cuda.graph(graph):
             output = self.unet(*inputs)
         return graph, inputs, output
+
+
+def extract_noise_batched(f: NoisePredictor, xts: Tensor, ts: Tensor, cond=None, uncond=None, guidance=None, *,
+                          chunk: int, eta: float = ETA, schedule: ScheduleConfig = SD1,
+                          reference_direction: bool = False, skip: int = 0) -> Tensor:
+    """efddpm.method.inversion.extract_noise with f evaluated for `chunk` consecutive steps in ONE batched call
+    (batch chunk * B, or twice that with guidance). The x_t of an edit-friendly trajectory are all drawn before
+    the extraction, so the steps depend on each other only through the write-back of eq. 3, whose change is
+    rounding: here f and mu see x_t as stored before the write-back. chunk = 1 is the literal Algorithm 1.
+    Modifies xts [N+1, B, ...] in place; returns zs [N, B, ...] (NaN for the `skip` noisiest steps)."""
+    abar, n_steps, batch = alphas_cumprod(schedule), ts.numel(), xts.shape[1]
+    if not 0 <= skip < n_steps or chunk < 1:
+        raise ValueError(f"need 0 <= skip < {n_steps} and chunk >= 1, got skip={skip}, chunk={chunk}")
+    zs = torch.full_like(xts[1:], float("nan"))                             # [N, B, ...]
+    ts = ts.tolist()                                                        # read once (no device sync per step)
+    steps = list(range(n_steps - skip, 0, -1))                              # the paper's t = T - skip .. 1
+    for first in range(0, len(steps), chunk):
+        group = steps[first:first + chunk]                                  # the paper's t, descending
+        coefs = [step_coefficients(abar, ts[n_steps - n], n_steps, schedule, eta, reference_direction)
+                 for n in group]
+        if min(s.sigma for s in coefs) <= 0:
+            raise ValueError("sigma_t = 0: eq. 5 needs eta > 0 and var_t > 0")
+        x_in = xts[torch.tensor(group, device=xts.device)]                  # x_t (a copy), [C, B, ...]
+        t_in = torch.tensor([s.t for s in coefs]).repeat_interleave(batch)  # [C * B]
+        eps = guided_eps(f, x_in.flatten(0, 1), t_in,                       # f_t(x_t), [C * B, ...]
+                         tiled(cond, len(group), batch), tiled(uncond, len(group), batch),
+                         tiled(guidance, len(group), batch)).view_as(x_in)
+        for x, e, n, s in zip(x_in, eps, group, coefs):
+            zs[n - 1] = (xts[n - 1] - mu(x, e, s)) / s.sigma                # eq. 5
+            xts[n - 1] = ddpm_step(x, e, s, zs[n - 1])                      # eq. 3 (write-back)
+    return zs
+
+
+def tiled(c, times: int, batch: int):
+    """A per-sample tensor (batch `batch` or 1) repeated for `times` steps stacked in one batch; numbers and None
+    pass through."""
+    if not isinstance(c, Tensor) or c.dim() == 0:
+        return c
+    c = rows(c, batch)
+    return c.repeat(times, *([1] * (c.dim() - 1)))                          # [times * batch, ...]

@@ -140,14 +140,23 @@ def load_mask(mask, size: int) -> tuple[torch.Tensor, str]:
 def load_image(image, size: int) -> tuple[torch.Tensor, str]:
     """Anything as_pil takes -> tensor [1, 3, size, size] in [-1, 1] (float32), and a line describing the resize."""
     square, note = fit_square(to_rgb(as_pil(image)), size)
-    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32).copy())  # [size, size, 3] in 0..255
-    return (pixels.permute(2, 0, 1)[None] / 127.5 - 1.0), note  # [1, 3, size, size]
+    return to_unit(torch.from_numpy(np.array(square)).permute(2, 0, 1)[None]), note    # [1, 3, size, size]
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 [B, 3, H, W] in [-1, 1], the networks' range (0 -> -1, 255 -> 1), on the same
+    device; contiguous (the memory layout picks the convolution kernels, hence the rounding)."""
+    return (images.float() / 127.5 - 1.0).contiguous()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, 3, H, W], clamped and rounded half up, on the same device."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Tensor [B, 3, H, W] in [-1, 1] -> list of RGB PIL images."""
-    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)  # [B, 3, H, W]
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
+    return [Image.fromarray(a) for a in to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()]
 
 
 def grid(images: list[Image.Image]) -> Image.Image:

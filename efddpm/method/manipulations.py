@@ -12,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from efddpm.method.inversion import (LatentCode, NoisePredictor, _draw, _working_dtype, guided_eps, regenerate)
-from efddpm.method.scheduler import (SD1, ScheduleConfig, alphas_cumprod, ddpm_step, marginal,
-                        step_coefficients, timesteps)
+from efddpm.method.defaults import ETA, STEPS
+from efddpm.method.inversion import regenerate
+from efddpm.method.latent_code import LatentCode
+from efddpm.method.network import NoisePredictor, draw_noise, working_dtype
+from efddpm.method.sampling import sample
+from efddpm.method.scheduler import SD1, ScheduleConfig, alphas_cumprod, marginal, timesteps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,17 +111,13 @@ def paste(x0: Tensor, mask: Tensor, target: Tensor) -> Tensor:
 
 
 def sdedit(f: NoisePredictor, x0: Tensor, start: int, cond=None, uncond=None, guidance=None, *,
-           num_steps: int = 100, eta: float = 1.0, generator: torch.Generator | None = None,
-           schedule: ScheduleConfig = SD1, abar: Tensor | None = None) -> Tensor:
+           num_steps: int = STEPS, eta: float = ETA, generator: torch.Generator | None = None,
+           schedule: ScheduleConfig = SD1) -> Tensor:
     """SDEdit (Meng et al.): noise x0 to the paper's t = start by eq. 2 with fresh noise, then
     sample with eq. 3 and fresh z's down to x_0. x0: [B, ...] (e.g. paste(...)); returns [B, ...]."""
-    abar = alphas_cumprod(schedule) if abar is None else abar
-    ts = timesteps(num_steps, schedule)
-    dtype = _working_dtype(x0)
+    abar, ts = alphas_cumprod(schedule), timesteps(num_steps, schedule)
+    dtype = working_dtype(x0)
     x = marginal(x0.to(dtype), float(abar[ts[num_steps - start]]),                 # eq. 2
-                 _draw(x0.shape, generator, dtype, x0.device))
-    for n in range(start, 0, -1):
-        s = step_coefficients(abar, int(ts[num_steps - n]), num_steps, schedule, eta)
-        eps = guided_eps(f, x, s.t, cond, uncond, guidance)
-        x = ddpm_step(x, eps, s, _draw(x.shape, generator, dtype, x.device))      # eq. 3
-    return x
+                 draw_noise(x0.shape, generator, dtype, x0.device))
+    return sample(f, x, cond, uncond, guidance, start=start, num_steps=num_steps, eta=eta, generator=generator,
+                  schedule=schedule)

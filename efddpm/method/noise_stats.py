@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from efddpm.method.inversion import LatentCode
+from efddpm.method.latent_code import LatentCode
 
 
 def variance(zs: Tensor) -> Tensor:

@@ -192,3 +192,15 @@ def mu(x_t: Tensor, eps: Tensor, s: Step) -> Tensor:
 def ddpm_step(x_t: Tensor, eps: Tensor, s: Step, z: Tensor) -> Tensor:
     """x_{t-1} = mu_t(x_t) + sigma_t z_t.                                                  eq. 3"""
     return mu(x_t, eps, s) + s.sigma * z  # eq. 3
+
+
+# ---------------------------------------------------------------------------------------------
+# In diffusers' terms
+# ---------------------------------------------------------------------------------------------
+
+def diffusers_config(cfg: ScheduleConfig = SD1) -> dict:
+    """The schedule and grid rule of `cfg` as diffusers' scheduler arguments (DDIMScheduler takes them all;
+    DDPMScheduler all but set_alpha_to_one): the same tables, the same N-step grid, no clipping of P(f)."""
+    return dict(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                beta_schedule=cfg.kind, timestep_spacing="leading", steps_offset=cfg.steps_offset,
+                set_alpha_to_one=cfg.set_alpha_to_one, clip_sample=False)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from efddpm.method.inversion import LatentCode, edit_friendly_inversion, native_inversion
+from efddpm.method.inversion import edit_friendly_inversion, native_inversion
+from efddpm.method.latent_code import LatentCode
 from efddpm.method.noise_stats import noise_statistics
 from efddpm.method.scheduler import ScheduleConfig, alphas_cumprod
 
@@ -22,17 +23,19 @@ TOY_SCHEDULE = ScheduleConfig(kind="linear", beta_start=1e-4, beta_end=0.02)
 TOY_MEAN = (10.0, 10.0)
 
 
-def gaussian_noise_predictor(mean=TOY_MEAN, schedule: ScheduleConfig = TOY_SCHEDULE,
+def gaussian_noise_predictor(*, mean=TOY_MEAN, schedule: ScheduleConfig = TOY_SCHEDULE,
                              dtype: torch.dtype = torch.float64):
-    """The ideal f(x [B, 2], t [B], cond) for data N(mean, I). cond, if given, is a per-row mean
-    [B, 2] (a "prompt" for guidance tests); None means `mean`."""
+    """The ideal f(x [B, ...], t [B], cond) for data N(mean, I), in any shape: `mean` broadcasts against one sample
+    (the toy's (10, 10) for [B, 2]; a number for latents [B, C, h, w]). cond, if given, is a per-row mean that
+    broadcasts against x ([B, 2], [B, 1, 1, 1], ...: a "prompt" for guidance tests); None means `mean`. Pointwise
+    in x, so exactly shift-equivariant."""
     abar = alphas_cumprod(schedule).to(dtype)
     m0 = torch.as_tensor(mean, dtype=dtype)
 
     def f(x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        a = abar.to(x.device)[t].to(x.dtype).unsqueeze(-1)                 # [B, 1]
-        m = (m0 if cond is None else cond).to(x.device, x.dtype)            # [2] or [B, 2]
-        return (1 - a).sqrt() * (x - a.sqrt() * m)                         # [B, 2]
+        a = abar.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))  # [B, 1, ...]
+        m = (m0 if cond is None else cond).to(x.device, x.dtype)                  # broadcasts to [B, ...]
+        return (1 - a).sqrt() * (x - a.sqrt() * m)                                # [B, ...]
     return f
 
 

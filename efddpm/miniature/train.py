@@ -43,13 +43,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from efddpm.app.images import grid, to_uint8, to_unit
+from efddpm.app.networks import decode_latents, encode_prompts
+from efddpm.checkpoint import load, save_single_file
+from efddpm.method import sampling
+from efddpm.method.scheduler import SD1, alphas_cumprod
 from efddpm.miniature import world
 from efddpm.miniature.charts import line_chart
-from efddpm.checkpoint import load, save_single_file
 from efddpm.nets.clip import CLIPTextConfig, CLIPTextModel
-from efddpm.app.images import grid
-from efddpm.method.inversion import guided_eps
-from efddpm.method.scheduler import SD1, alphas_cumprod, ddpm_step, step_coefficients, timesteps
 from efddpm.nets.tokenizer import CLIPTokenizer
 from efddpm.nets.unet import UNet, UNetConfig
 from efddpm.nets.vae import AutoencoderKL, VAEConfig
@@ -83,11 +84,6 @@ def make_data(n: int, seed: int, tokenizer: CLIPTokenizer) -> tuple[torch.Tensor
     index = {c: i for i, c in enumerate(captions)}
     which = torch.tensor([index[p.caption] for p in specs])                         # [n]
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), which, tokenizer(captions)
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 in [-1, 1]."""
-    return images.float() / 127.5 - 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,22 +234,21 @@ def train_unet(latents: torch.Tensor, which: torch.Tensor, caption_ids: torch.Te
 @torch.no_grad()
 def sample(unet: UNet, vae: AutoencoderKL, text: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str],
            guidance: float, seed: int, num_steps: int = 100) -> torch.Tensor:
-    """DDPM sampling (eq. 3 with fresh z_t, eta = 1) -> images [B, 3, 64, 64] in [-1, 1]."""
+    """DDPM sampling from x_T (efddpm.method.sampling: eq. 3 with fresh z_t, eta = 1; the UNet is the noise predictor
+    f(x_t, t, context)), x_T and then every z_t drawn from one generator seeded by `seed` -> images [B, 3, 64, 64]
+    in [-1, 1]."""
     device = next(unet.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
-    cond, uncond = text(tokenizer(prompts).to(device)), text(tokenizer([""]).to(device))
-    abar, size = alphas_cumprod(SD1).to(device), world.DEFAULT_SIZE // 2 ** (len(vae.config.channel_mult) - 1)
-    x = torch.randn(len(prompts), 4, size, size, generator=gen, device=device)     # x_T
-    for t in timesteps(num_steps, SD1).tolist():
-        s = step_coefficients(abar, t, num_steps, SD1)
-        x = ddpm_step(x, guided_eps(unet, x, t, cond, uncond, guidance), s,
-                      torch.randn(x.shape, generator=gen, device=device))          # eq. 3
-    return vae.decode(x / vae.config.scaling_factor).clamp(-1, 1)
+    cond, uncond = encode_prompts(tokenizer, text, prompts), encode_prompts(tokenizer, text, [""])  # [B | 1, 77, 64]
+    size = world.DEFAULT_SIZE // 2 ** (len(vae.config.channel_mult) - 1)
+    x = torch.randn(len(prompts), 4, size, size, generator=gen, device=device)     # x_T, [B, 4, 16, 16]
+    x0 = sampling.sample(unet, x, cond, uncond, guidance, start=num_steps, num_steps=num_steps, generator=gen)
+    return decode_latents(vae, x0, dtype=torch.float32)                              # [B, 3, 64, 64]
 
 
 def picture_grid(images: torch.Tensor, columns: int, scale: int = 2) -> Image.Image:
     """[B, 3, H, W] in [-1, 1] -> one image, `columns` wide, each picture enlarged `scale` x (nearest)."""
-    arr = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()                        # [B, H, W, 3]
     b, h, w, _ = arr.shape
     rows = math.ceil(b / columns)
     out = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))

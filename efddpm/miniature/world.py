@@ -201,6 +201,13 @@ def recolour_within_contrast(p: Picture, target: Picture) -> bool:
     return bool(np.linalg.norm(new - colour) < np.linalg.norm(colour - background))
 
 
+def within_contrast_pictures(n: int, seed: int = 0) -> list[Picture]:
+    """The first n held-out pictures (the stream seeded by `seed`) whose colour edit (edit_targets with `seed`) is
+    within contrast."""
+    within = (p for p in stream(seed, "heldout") if recolour_within_contrast(p, edit_targets(p, seed)[0]))
+    return [next(within) for _ in range(n)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixel rules
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from efddpm.nets.unet import Upsample  # the same nearest-x2-then-conv block, named `conv` in both checkpoints
+from efddpm.nets.blocks import Upsample
 
 
 @dataclass(frozen=True)
@@ -89,20 +89,32 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-class Level(nn.Module):
-    """One resolution level: residual blocks, then a resampling conv (absent at the last level)."""
+class DownLevel(nn.Module):
+    """One encoder level: residual blocks, then a Downsample (None at the deepest level: no weights)."""
 
-    def __init__(self, blocks: list[nn.Module], resample_name: str | None, resample: nn.Module | None):
+    def __init__(self, blocks: list[nn.Module], downsample: Downsample | None):
         super().__init__()
         self.block = nn.ModuleList(blocks)
-        self.resample_name = resample_name  # "downsample" in the encoder, "upsample" in the decoder
-        if resample_name is not None:
-            self.add_module(resample_name, resample)
+        self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.block:
             x = block(x)
-        return x if self.resample_name is None else getattr(self, self.resample_name)(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class UpLevel(nn.Module):
+    """One decoder level: residual blocks, then an Upsample (None at the full-resolution level: no weights)."""
+
+    def __init__(self, blocks: list[nn.Module], upsample: Upsample | None):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.upsample = upsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return x if self.upsample is None else self.upsample(x)
 
 
 class Encoder(nn.Module):
@@ -120,7 +132,7 @@ class Encoder(nn.Module):
                 blocks.append(ResnetBlock(ch, width, c.norm_groups))
                 ch = width
             last = level == len(widths) - 1
-            self.down.append(Level(blocks, None if last else "downsample", None if last else Downsample(ch)))
+            self.down.append(DownLevel(blocks, None if last else Downsample(ch)))
         self.mid = MidBlock(ch, c.norm_groups)
         self.norm_out = Normalize(ch, c.norm_groups)
         self.conv_out = nn.Conv2d(ch, 2 * c.latent_channels, 3, padding=1)
@@ -148,7 +160,7 @@ class Decoder(nn.Module):
             for _ in range(c.num_res_blocks + 1):
                 blocks.append(ResnetBlock(ch, widths[level], c.norm_groups))
                 ch = widths[level]
-            levels.append(Level(blocks, None if level == 0 else "upsample", None if level == 0 else Upsample(ch)))
+            levels.append(UpLevel(blocks, None if level == 0 else Upsample(ch)))
         self.up = nn.ModuleList(reversed(levels))
         self.norm_out = Normalize(ch, c.norm_groups)
         self.conv_out = nn.Conv2d(ch, c.image_channels, 3, padding=1)

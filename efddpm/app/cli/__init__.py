@@ -1,0 +1,63 @@
+"""The `efddpm` command: edit real images with the edit-friendly DDPM noise space.
+
+    efddpm edit cat.png --source "a photo of a cat" --target "a photo of a dog" --out edits/
+    efddpm invert cat.png --source "a photo of a cat" -o cat.safetensors
+    efddpm regenerate cat.safetensors --target "a photo of a dog" --target "a photo of a lion"
+    efddpm shift cat.png --source "a photo of a cat" --dx 8
+    efddpm recolor cat.png --source "a photo of a cat" --mask collar.png --color "#ff0000"
+    efddpm batch edits.json
+
+Every command runs the same sequence (runner.run): check the numbers, read and check the inputs, check the
+outputs' names, load the model, check what needs the model (picture size, shift range), warn about long prompts,
+work, then write every output all or nothing (efddpm.core.atomic). A bad input ends the command with one line on
+stderr and exit code 2, and nothing is written. PNGs carry every setting in their text metadata (key "efddpm",
+JSON), so any result can be reproduced.
+
+    parser.py    the arguments
+    inputs.py    the checks before any model is loaded: numbers, input files, output names
+    runner.py    the sequence, the progress bar, the outputs' metadata and all-or-nothing writing
+    commands.py  the subcommands: what differs from one to the next
+"""
+import sys
+import warnings
+
+import torch
+
+from efddpm.app.cli.commands import COMMANDS
+from efddpm.app.cli.parser import DEFAULT_DEVICE, build_parser
+from efddpm.app.cli.runner import run
+from efddpm.app.images import LargeImageWarning
+from efddpm.checkpoint import CheckpointError
+from efddpm.core.atomic import OutputError
+from efddpm.core.checks import InputError
+
+__all__ = ["DEFAULT_DEVICE", "build_parser", "main"]
+
+
+def warn_once(message, *_, said: set = set()) -> None:
+    """Warnings as one line each, each said once per process (an image is opened more than once)."""
+    if str(message) not in said:
+        said.add(str(message))
+        print(f"efddpm: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # prompt-length warnings are printed by runner.run
+            warnings.simplefilter("always", LargeImageWarning)
+            warnings.showwarning = warn_once
+            run(COMMANDS[args.command], args)
+    except (InputError, CheckpointError, OutputError) as e:
+        print(f"efddpm: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        print(f"efddpm: error: out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); try a smaller "
+              "--size or another --device; nothing was written", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"efddpm: interrupted; {str(e) or 'nothing was written'}", file=sys.stderr)
+        return 130
+    return 0
+

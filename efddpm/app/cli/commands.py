@@ -1,0 +1,196 @@
+"""The subcommands. Each checks its settings, reads and checks its inputs, and returns the Plan of the rest
+(its outputs' names, its prompts, its work); efddpm.app.cli.runner.run performs it in the order all share."""
+from pathlib import Path
+
+from efddpm.app.cli.inputs import (check_settings, parse_colour, read_batch, read_code, read_mask, read_noise,
+                                   seeds_for)
+from efddpm.app.cli.parser import UsageError
+from efddpm.app.cli.runner import Output, Plan, Progress, note
+from efddpm.app.images import grid, load_image, open_image, to_pil
+from efddpm.core import checks
+from efddpm.method.defaults import default_colour_range, default_skip
+
+TILE_KEYS = ("target", "cfg_tgt", "seed", "inversion")   # the settings of an edit that differ between grid tiles
+
+
+def output_names(out: Path, stem: str, n_targets: int, seeds: list[int]) -> list[Path]:
+    """The PNG of each (seed, target): stem_k.png, or stem_k_seedS.png when there are several seeds."""
+    return [out / (f"{stem}_{k + 1}.png" if len(seeds) == 1 else f"{stem}_{k + 1}_seed{s}.png")
+            for s in seeds for k in range(n_targets)]
+
+
+def target_guidances(cfg_tgt: float | list[float] | None, editor, n: int) -> list[float]:
+    """--cfg-tgt (a number, one per target, or None: the model's default) as one weight per target."""
+    return checks.guidances(editor.target_guidance if cfg_tgt is None else cfg_tgt, n, "--cfg-tgt")
+
+
+def edit_one(args, editor, image, source: str, targets: list[str], guidances: list[float], seeds: list[int],
+             out: Path, stem: str, *, with_grid: bool = False, noise=None) -> list[Output]:
+    """Invert `image` once per seed, edit it with every target: the PNGs (and the grid)."""
+    edits, inversions = [], []
+    with Progress(len(seeds) * 2 * (args.steps - args.skip), args.quiet) as progress:
+        for seed in seeds:   # inversion and edit: steps - skip network calls each
+            code = editor.invert(image, source, steps=args.steps, guidance=args.cfg_src, eta=args.eta,
+                                 seed=None if noise is not None else seed, noise=noise, size=args.size,
+                                 skip=args.skip, progress=progress)
+            images = editor.edit(code, targets, guidance=guidances, skip=args.skip, progress=progress)
+            inversions.append(code.settings)
+            for target, guidance, img in zip(targets, guidances, images):
+                edits.append((img, dict(image=str(image), resize=code.settings["image"], source=source, target=target,
+                                        cfg_src=args.cfg_src, cfg_tgt=guidance, steps=args.steps, skip=args.skip,
+                                        eta=args.eta, seed=code.settings["seed"], size=int(img.width),
+                                        inversion=code.settings)))
+    note(args, f"{image}: {code.settings['image']}")
+    outputs = [Output(name, img, settings)
+               for name, (img, settings) in zip(output_names(out, stem, len(targets), seeds), edits)]
+    if with_grid:
+        pixels, _ = load_image(image, edits[0][0].width)
+        shared = {k: v for k, v in edits[0][1].items() if k not in TILE_KEYS}
+        outputs.append(Output(out / f"{stem}_grid.png", grid(to_pil(pixels) + [img for img, _ in edits]), {
+            **shared, "layout": "input | edits, seed by seed, targets in order",
+            "tiles": [{k: s[k] for k in ("seed", "target", "cfg_tgt")} for _, s in edits], "inversions": inversions}))
+    return outputs
+
+
+def edit(args) -> Plan:
+    check_settings(args)
+    open_image(args.image)  # fail on a bad image before loading any model
+    noise = read_noise(args.noise)
+    out, stem, seeds = Path(args.out), Path(args.image).stem, seeds_for(args)
+
+    def work(editor):
+        guidances = target_guidances(args.cfg_tgt, editor, len(args.target))
+        yield edit_one(args, editor, args.image, args.source, args.target, guidances, seeds, out, stem,
+                       with_grid=args.grid, noise=noise)
+    return Plan(folder=out, names=output_names(out, stem, len(args.target), seeds)
+                + ([out / f"{stem}_grid.png"] if args.grid else []),
+                prompts=[args.source, *args.target], work=work)
+
+
+def invert(args) -> Plan:
+    check_settings(args)
+    output = Path(args.output)
+    if output.suffix != ".safetensors":
+        raise UsageError(f"-o must name a .safetensors file, got {output}")
+    open_image(args.image)
+    noise = read_noise(args.noise)
+    seed = None if noise is not None else seeds_for(args)[0]
+
+    def work(editor):
+        with Progress(args.steps, args.quiet) as progress:
+            code = editor.invert(args.image, args.source, steps=args.steps, guidance=args.cfg_src, eta=args.eta,
+                                 seed=seed, noise=noise, size=args.size, progress=progress)
+        note(args, f"{args.image}: {code.settings['image']}")
+        yield [Output(output, code, dict(image=str(args.image)))]
+    return Plan(folder=output.parent, names=[output], prompts=[args.source], work=work)
+
+
+def regenerate(args) -> Plan:
+    code = read_code(args.code)
+    n = code.num_steps
+    args.skip = checks.skip(default_skip(n) if args.skip is None else args.skip, n, "--skip",
+                            inverted_skip=code.settings["skip"])
+    if args.cfg_tgt is not None:
+        args.cfg_tgt = checks.guidances(args.cfg_tgt, len(args.target), "--cfg-tgt")
+    model = args.model or code.settings.get("model")
+    if not isinstance(model, str) or not model:
+        raise UsageError(f"{args.code} does not name its model; pass --model")
+    out = Path(args.out)
+    names = [out / f"{Path(args.code).stem}_{k + 1}.png" for k in range(len(args.target))]
+
+    def work(editor):
+        guidances = target_guidances(args.cfg_tgt, editor, len(args.target))
+        with Progress(n - args.skip, args.quiet) as progress:
+            images = editor.edit(code, args.target, guidance=guidances, skip=args.skip, progress=progress)
+        yield [Output(name, img, dict(code=str(args.code), source=code.settings.get("source_prompt"), target=target,
+                                      cfg_tgt=guidance, skip=args.skip, inversion=code.settings))
+               for name, target, guidance, img in zip(names, args.target, guidances, images)]
+    return Plan(folder=out, names=names, prompts=args.target, work=work, model=model)
+
+
+def manipulate(args, suffix: str, apply, *, check, settings: dict) -> Plan:
+    """The Plan of shift and recolor: invert args.image, then apply(editor, code, progress) -> (PIL image,
+    settings used); write <stem>_<suffix>.png."""
+    out, seed = Path(args.out), seeds_for(args)[0]
+    name = out / f"{Path(args.image).stem}_{suffix}.png"
+
+    def work(editor):
+        skip = getattr(args, "skip", None) or 0   # shift: the code serves a regeneration from x_{T-skip}
+        with Progress(2 * (args.steps - skip), args.quiet) as progress:
+            code = editor.invert(args.image, args.source, steps=args.steps, guidance=args.cfg_src, eta=args.eta,
+                                 seed=seed, size=args.size, skip=skip, progress=progress)
+            note(args, f"{args.image}: {code.settings['image']}")
+            img, used = apply(editor, code, progress)
+        yield [Output(name, img, dict(image=str(args.image), source=args.source, cfg_src=args.cfg_src,
+                                      steps=args.steps, eta=args.eta, seed=seed, **settings, **used,
+                                      inversion=code.settings))]
+    return Plan(folder=out, names=[name], prompts=[args.source], work=work, check=check)
+
+
+def shift(args) -> Plan:
+    check_settings(args)
+    checks.integer("--dx", args.dx), checks.integer("--dy", args.dy)
+    open_image(args.image)
+
+    def check(editor):
+        if args.skip is None:
+            args.skip = editor.shift_skip(args.steps)
+        side = editor.latent_side(args.size)
+        checks.shift(args.dy, args.dx, (side, side), ("--dy", "--dx"))
+
+    def apply(editor, code, progress):
+        return editor.shift(code, args.dy, args.dx, skip=args.skip, progress=progress), {"skip": args.skip}
+    return manipulate(args, f"shift_{args.dy}_{args.dx}", apply, check=check, settings=dict(dx=args.dx, dy=args.dy))
+
+
+def recolor(args) -> Plan:
+    check_settings(args)
+    colour = parse_colour(args.color)
+    step_range = checks.step_range(default_colour_range(args.steps) if args.t_range is None else args.t_range,
+                                   args.steps, "--t-range")
+    if args.strength is not None:
+        checks.strength(args.strength, "--strength")
+    image = open_image(args.image)
+    mask = read_mask(args.mask, image)
+
+    def check(editor):
+        if args.cfg_src is None:
+            args.cfg_src = editor.colour_source_guidance
+
+    def apply(editor, code, progress):
+        strength = editor.colour_strength if args.strength is None else args.strength
+        img = editor.recolor(code, image, mask, colour, strength=strength, step_range=step_range, size=args.size,
+                             progress=progress)
+        return img, {"strength": strength}
+    return manipulate(args, "recolor", apply, check=check,
+                      settings=dict(mask=str(args.mask), color=args.color, t_range=list(step_range)))
+
+
+def batch(args) -> Plan:
+    """Each entry's PNGs are written all or nothing when the entry is done; finished entries stay if a later one
+    fails or the run is interrupted."""
+    check_settings(args)
+    entries = read_batch(Path(args.file))
+    stems = [Path(e["image"]).stem for e in entries]
+    if len(set(stems)) != len(stems):
+        raise UsageError(f"batch file {args.file}: two images share a file name, their outputs would collide")
+    for e in entries:
+        open_image(e["image"])
+    out, seed = Path(args.out), seeds_for(args)[0]
+
+    def work(editor):
+        guidances = [target_guidances(args.cfg_tgt, editor, len(e["targets"])) for e in entries]
+        for stem, e, g in zip(stems, entries, guidances):
+            yield edit_one(args, editor, e["image"], e.get("source", ""), e["targets"], g, [seed], out, stem)
+    return Plan(folder=out, work=work,
+                names=[name for stem, e in zip(stems, entries)
+                       for name in output_names(out, stem, len(e["targets"]), [seed])],
+                prompts=[p for e in entries for p in (e.get("source", ""), *e["targets"])],
+                hint="an earlier run of this batch may have finished these entries: pass --overwrite to redo them, "
+                     "or remove the finished entries from the batch file",
+                interrupted=lambda done: f"{done} of {len(entries)} entries were finished and written; rerunning "
+                                         "the batch refuses their outputs unless --overwrite")
+
+
+COMMANDS = {"edit": edit, "invert": invert, "regenerate": regenerate, "shift": shift, "recolor": recolor,
+            "batch": batch}

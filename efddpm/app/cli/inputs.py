@@ -1,0 +1,154 @@
+"""What every subcommand checks before it loads a model: the numbers, the input files, the output names.
+
+Each check raises UsageError (an InputError) with one line naming the flag or file and what is wrong with it.
+"""
+import json
+import secrets
+import tempfile
+import tomllib
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from efddpm.app.cli.parser import UsageError
+from efddpm.app.images import load_mask, open_image
+from efddpm.core import checks
+from efddpm.method.defaults import default_skip
+from efddpm.method.latent_code import LatentCode
+from efddpm.method.scheduler import max_steps
+
+
+def check_settings(args) -> None:
+    """The numbers, before any work: finite, in range, and consistent with each other."""
+    args.steps = checks.steps(args.steps, max_steps(), "--steps")
+    if getattr(args, "skip", None) is not None:
+        args.skip = checks.skip(args.skip, args.steps, "--skip")
+    elif args.command in ("edit", "batch"):
+        args.skip = default_skip(args.steps)            # shift: the model's (commands.shift, once it is loaded)
+    if args.cfg_src is not None:                         # recolor: the model's (commands.recolor, likewise)
+        checks.guidance(args.cfg_src, "--cfg-src")
+    if getattr(args, "cfg_tgt", None) is not None:
+        targets = getattr(args, "target", None)
+        if isinstance(args.cfg_tgt, list):
+            args.cfg_tgt = checks.guidances(args.cfg_tgt, len(targets), "--cfg-tgt")
+        else:
+            checks.guidance(args.cfg_tgt, "--cfg-tgt")
+    args.eta = checks.eta(args.eta, "--eta")
+    if args.eta == 0:
+        raise UsageError("--eta must be above 0: the edit-friendly inversion divides by sigma_t = eta * ...")
+    count = getattr(args, "num_inversions", 1)
+    checks.integer("--num-inversions", count, low=1, high=1000)
+    if args.seed is not None:
+        checks.seed(args.seed, "--seed", count)
+    if args.size is not None:
+        checks.integer("--size", args.size, low=8)
+    if getattr(args, "noise", None) and count > 1:
+        raise UsageError("--noise gives the draws of one inversion; it cannot be combined with --num-inversions")
+
+
+def check_output_folder(folder: Path) -> None:
+    """The folder (or, when missing, its nearest existing parent) must be a writable directory."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"output folder {folder}: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"output folder {folder} is not writable ({e.strerror})") from None
+
+
+def check_new_files(paths: list[Path], *, overwrite: bool, hint: str = "") -> None:
+    """Refuse names that are folders, or exist without --overwrite; one line for all of them."""
+    existing = [p for p in paths if p.exists() and not p.is_dir()]
+    for p in paths:
+        if p.is_dir():
+            raise UsageError(f"output {p} is a folder")
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UsageError(f"output exists: {existing[0]}{more}; {hint or 'pass --overwrite to replace'}")
+
+
+def read_mask(path: str, image: Image.Image) -> Image.Image:
+    """--mask: a picture of the image's size whose region is not empty."""
+    if not Path(path).exists():
+        raise UsageError(f"mask not found: {path}")
+    mask = open_image(path)
+    if mask.size != image.size:
+        raise UsageError(f"mask {path} is {mask.width}x{mask.height}, the image is {image.width}x{image.height}")
+    load_mask(mask, 8 * max(1, min(image.size) // 8))   # refuses an empty mask before any work
+    return mask
+
+
+def parse_colour(text: str) -> tuple[float, float, float]:
+    try:
+        if text.startswith("#") and len(text) == 7:
+            rgb = [int(text[i:i + 2], 16) for i in (1, 3, 5)]
+        else:
+            rgb = [int(v) for v in text.split(",")]
+        if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f'--color must be "#rrggbb" or "r,g,b" with values 0-255, got {text!r}') from None
+    return tuple(v / 255 for v in rgb)
+
+
+def read_noise(path: str | None) -> torch.Tensor | None:
+    """--noise: the one tensor of a .safetensors file (its shape is checked by Editor.invert)."""
+    if path is None:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not Path(path).is_file():
+        raise UsageError(f"noise file not found: {path}")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"--noise {path}: not a readable .safetensors file ({type(e).__name__})") from None
+    if len(tensors) != 1:
+        raise UsageError(f"--noise {path}: needs exactly one tensor, holds {len(tensors)}")
+    return checks.finite_tensor(f"--noise {path}", next(iter(tensors.values())).float())
+
+
+def seeds_for(args) -> list[int]:
+    first = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    return [first + i for i in range(getattr(args, "num_inversions", 1))]
+
+
+def read_code(path: str) -> LatentCode:
+    if not Path(path).is_file():
+        raise UsageError(f"latent code not found: {path}")
+    return LatentCode.load(path)   # checks every tensor and setting; InputError names what is wrong
+
+
+BATCH_KEYS = ("image", "source", "targets")
+
+
+def read_batch(path: Path) -> list[dict]:
+    """[{image, source, targets}] from JSON (a list) or TOML ([[edit]] tables); images relative to the file."""
+    if not path.is_file():
+        raise UsageError(f"batch file not found: {path}")
+    if path.suffix not in (".json", ".toml"):
+        raise UsageError(f"batch file {path}: unknown type {path.suffix or '(no suffix)'!r}; write it as .json "
+                         "(a list of edits) or .toml ([[edit]] tables)")
+    try:
+        text = path.read_text(encoding="utf-8")
+        entries = tomllib.loads(text).get("edit") if path.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"batch file {path} is not valid {path.suffix.lstrip('.').upper()}: {e}") from None
+    if not isinstance(entries, list) or not entries:
+        raise UsageError(f"batch file {path} must hold a non-empty list of edits")
+    for i, e in enumerate(entries, 1):
+        if isinstance(e, dict) and (unknown := sorted(set(e) - set(BATCH_KEYS))):
+            raise UsageError(f"batch file {path}: entry {i} has unknown key {unknown[0]!r} (known: "
+                             f"{', '.join(BATCH_KEYS)})")
+        targets = e.get("targets") if isinstance(e, dict) else None
+        if (not isinstance(e, dict) or not isinstance(e.get("image"), str) or not isinstance(e.get("source", ""), str)
+                or not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)):
+            raise UsageError(f"batch file {path}: entry {i} must be {{\"image\": str, \"source\": str, "
+                             f"\"targets\": [str, ...]}}")
+        e["image"] = str(path.parent / e["image"])
+    return entries

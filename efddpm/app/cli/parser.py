@@ -1,0 +1,108 @@
+"""The arguments of the `efddpm` command: one subparser per subcommand (efddpm.app.cli.commands runs them)."""
+import argparse
+
+import torch
+
+from efddpm.core.version import VERSION
+from efddpm.app.embedded import DEFAULT_MODEL
+from efddpm.core.checks import InputError
+from efddpm.method.defaults import ETA, SOURCE_GUIDANCE, STEPS
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class UsageError(InputError):
+    """A bad argument: printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line too, exit code 2
+        command = self.prog.removeprefix("efddpm").strip()
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="efddpm", description="Edit real images with the edit-friendly DDPM noise space (SD1.x).")
+    parser.add_argument("--version", action="version", version=f"efddpm {VERSION}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def model_flags(p):
+        p.add_argument("--model", help=f"hub id, diffusers folder or single file (default: the embedded "
+                                       f"shapes model, {DEFAULT_MODEL.name}; real photos need SD1.5)")
+        p.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+        p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on CUDA, float32 on CPU")
+        p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+
+    def inversion_flags(p, with_source=True, with_noise=False, cfg_src=SOURCE_GUIDANCE,
+                        cfg_src_help="source guidance (default: %(default)s)"):
+        if with_source:
+            p.add_argument("--source", default="", help='source prompt ("" = no guidance term during inversion)')
+        p.add_argument("--steps", type=int, default=STEPS, help="sampling steps N (default: %(default)s)")
+        p.add_argument("--cfg-src", type=float, default=cfg_src, help=cfg_src_help)
+        p.add_argument("--eta", type=float, default=ETA, help="DDPM eta, in (0, 1] (default: %(default)s)")
+        p.add_argument("--seed", type=int, help="default: drawn at random and recorded in the outputs")
+        p.add_argument("--size", type=int, help="picture side in pixels (default: the model's, 512 for SD1.x)")
+        if with_noise:
+            p.add_argument("--noise", help="the inversion's eps~ draws instead of a seed: a .safetensors file with one "
+                                           "tensor [steps, 1, 4, h, w]")
+
+    def edit_flags(p):
+        p.add_argument("--target", action="append", required=True, help="target prompt (repeatable)")
+        p.add_argument("--cfg-tgt", type=float, nargs="+",
+                       help="target guidance: one value, or one per target (default: the model's, else the paper's 15; "
+                            "the embedded shapes model's is 7.5)")
+        p.add_argument("--skip", type=int, help="T_skip: steps left out at the start (default: 36 of 100, scaled to "
+                                                "--steps)")
+
+    def output_flags(p, what):
+        p.add_argument("--out", default=".", help=f"folder for the {what}, created if missing (default: %(default)s)")
+        p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    p = commands.add_parser("edit", help="invert an image and edit it with target prompts")
+    p.add_argument("image")
+    inversion_flags(p, with_noise=True), edit_flags(p), model_flags(p), output_flags(p, "edited PNGs")
+    p.add_argument("--num-inversions", type=int, default=1, help="several inversions (seeds) for diverse edits")
+    p.add_argument("--grid", action="store_true", help="also write a side-by-side grid (input | edits)")
+
+    p = commands.add_parser("invert", help="invert an image; write its latent code (.safetensors)")
+    p.add_argument("image")
+    inversion_flags(p, with_noise=True), model_flags(p)
+    p.add_argument("-o", "--output", required=True, help="the latent code file, .safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing code file")
+
+    p = commands.add_parser("regenerate", help="edit a saved latent code with target prompts")
+    p.add_argument("code", help="a .safetensors latent code written by `efddpm invert`")
+    edit_flags(p), model_flags(p), output_flags(p, "PNGs")
+
+    p = commands.add_parser("shift", help="the paper's image shifting: shift the noise maps of an inversion and regenerate")
+    p.add_argument("image")
+    inversion_flags(p), model_flags(p), output_flags(p, "shifted PNG")
+    p.add_argument("--skip", type=int, help="regenerate from the shifted x_{T-skip} (default: the model's "
+                                            "shift_skip_fraction of --steps, 50 of 100 for the embedded shapes "
+                                            "model; else the paper's 0, from x_T)")
+    p.add_argument("--dx", type=int, default=0, help="latent pixels to the right (x8 image pixels on SD1.x)")
+    p.add_argument("--dy", type=int, default=0, help="latent pixels down")
+
+    p = commands.add_parser("recolor", help="the paper's colour manipulation of a masked region")
+    p.add_argument("image")
+    inversion_flags(p, cfg_src=None, cfg_src_help="source guidance of the inversion (default: the model's "
+                    "colour_source_guidance, 0 for the embedded shapes model, whose captions name the colour that "
+                    "the guidance holds; else the paper's 3.5)")
+    model_flags(p), output_flags(p, "recoloured PNG")
+    p.add_argument("--mask", required=True, help="image of the same size as IMAGE; white = region to recolour "
+                                                 "(transparent = outside it)")
+    p.add_argument("--color", required=True, help='"#rrggbb" or "r,g,b" (0-255)')
+    p.add_argument("--strength", type=float, help="s: how hard z_t is pushed towards the colour (default: the "
+                                                  "model's colour_strength, 1.0 for the embedded shapes model; else "
+                                                  "the paper's 0.2)")
+    p.add_argument("--t-range", type=int, nargs=2, metavar=("T1", "T2"),
+                   help="the steps t (1 = last) in which z_t is pushed (default: 1..40 of 100, scaled to --steps)")
+
+    p = commands.add_parser("batch", help="edit many images listed in a JSON or TOML file")
+    p.add_argument("file", help='a list of {"image", "source", "targets"} (TOML: [[edit]] tables); '
+                                "relative image paths are relative to the file")
+    inversion_flags(p, with_source=False), model_flags(p), output_flags(p, "edited PNGs")
+    p.add_argument("--cfg-tgt", type=float, help="target guidance (default: the model's, else the paper's 15)")
+    p.add_argument("--skip", type=int, help="T_skip (default: 36 of 100, scaled to --steps)")
+    return parser
