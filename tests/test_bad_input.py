@@ -27,7 +27,7 @@ from efddpm.core.atomic import OutputError, Outputs
 from efddpm.core.checks import InputError
 from efddpm.app.cli import main
 from efddpm.app.images import ImageError, LargeImageWarning, open_image
-from efddpm.method.inversion import LatentCode
+from efddpm.method.latent_code import LatentCode
 from efddpm.app.editor import Editor
 
 FAST = ["--steps", "12", "--skip", "4", "--quiet"]
@@ -101,6 +101,15 @@ CODE_DAMAGE = {   # name -> (change, words of the message)
     "tensor missing": (lambda s, t: t.pop("zs"), "is not an efddpm latent code"),
     "noise map NaN": (lambda s, t: t["zs"][3].fill_(float("nan")), "NaN or infinite"),
     "timesteps altered": (lambda s, t: t["timesteps"].add_(1), "not the 12-step grid"),
+    "schedule of negative length": (lambda s, t: s["schedule"].update(num_train_timesteps=-5), "not a training schedule"),
+    "guidance list longer than the batch": (setting("guidance", [1.0, 2.0, 3.0]), "takes one value or one per prompt"),
+}
+CODE_FOR_ANOTHER_MODEL = {   # codes that load, but that this model cannot regenerate
+    "latents of three dims": (lambda s, t: [t.update({k: t[k][..., 0].contiguous() for k in ("x_T", "zs", "xts")})],
+                              "this model's are [B, 4, h, w]"),
+    "two inversions for one target": (lambda s, t: [t.update({k: torch.cat([t[k], t[k]], dim=-4)
+                                                              for k in ("x_T", "zs", "xts")})],
+                                      "the code holds 2 inversions and there are 1 prompts"),
 }
 
 
@@ -111,6 +120,14 @@ def test_regenerate_refuses_a_damaged_latent_code(tmp_path, capsys, code_file, c
     assert_refused(capsys, ["regenerate", path, "--target", "x", "--out", tmp_path / "out", "--quiet"], words, tmp_path)
     with pytest.raises(InputError, match=re.escape(words)):
         LatentCode.load(path)
+
+
+@pytest.mark.parametrize("case", list(CODE_FOR_ANOTHER_MODEL))
+def test_regenerate_refuses_a_code_the_model_cannot_run(tmp_path, capsys, code_file, case):
+    change, words = CODE_FOR_ANOTHER_MODEL[case]
+    path = altered(code_file, tmp_path, change)
+    assert_refused(capsys, ["regenerate", path, "--target", "x", "--skip", "4", "--out", tmp_path / "out", "--quiet"],
+                   words, tmp_path)
 
 
 def test_regenerate_below_the_codes_inverted_skip(tmp_path, capsys, code_file):
@@ -213,6 +230,60 @@ def test_a_folder_in_the_way_of_the_second_png_is_refused_before_any_work(tmp_pa
     for extra in ([], ["--overwrite"]):
         assert_refused(capsys, ["edit", picture, "--target", "a", "--target", "b", "--model", model, "--out", tmp_path,
                                 *FAST, *extra], "red_2.png is a folder", tmp_path)
+
+
+def test_replacing_a_file_never_leaves_its_name_empty(tmp_path, monkeypatch):
+    """With overwrite the old file is kept under a second name and replaced in one rename: at no moment is the
+    final name missing (a crash there would lose the old file and give no new one)."""
+    import efddpm.core.atomic as atomic
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old")
+    real_replace, seen = os.replace, []
+
+    def replace(src, dst):
+        seen.append(Path(path).exists())
+        real_replace(src, dst)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    atomic.write_atomically(path, lambda tmp: tmp.write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and seen and all(seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_one_command_cannot_write_a_name_twice(tmp_path):
+    out = Outputs(overwrite=True)
+    out.write(tmp_path / "a.png", lambda tmp: tmp.write_bytes(b"1"))
+    with pytest.raises(OutputError, match="written twice"):
+        out.write(tmp_path / "a.png", lambda tmp: tmp.write_bytes(b"2"))
+    out.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_that_fails_midway_says_what_it_kept(tmp_path, capsys, picture, model, monkeypatch):
+    second = tmp_path / "blue.png"
+    Image.open(picture).save(second)
+    listing = tmp_path / "edits.json"
+    listing.write_text(json.dumps([{"image": str(picture), "targets": ["a"]}, {"image": str(second), "targets": ["b"]}]))
+    calls, real = [], Editor.edit
+
+    def edit_then_fail(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Editor, "edit", edit_then_fail)
+    code, err = run_cli(capsys, ["batch", listing, "--model", model, "--out", tmp_path / "out", "--seed", "0", *FAST])
+    assert code == 2 and len(err) == 1 and "out of memory" in err[0], err
+    assert "1 of 2 entries were finished and written" in err[0] and "nothing was written" not in err[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["red_1.png"]
+
+
+def test_a_colour_manipulation_on_a_guided_code_warns_on_the_command_line(tmp_path, capsys, picture):
+    if not EMBEDDED.is_file():
+        pytest.skip(f"{EMBEDDED} not present")
+    code, err = run_cli(capsys, ["recolor", picture, "--source", "a red square", "--mask", picture, "--color",
+                                 "#0000ff", "--cfg-src", "3.5",
+                                 "--steps", "6", "--out", tmp_path, "--quiet"])
+    assert code == 0 and any("inverted with source guidance 3.5" in line for line in err), err
 
 
 def test_two_runs_never_silently_replace_each_other(tmp_path):

@@ -2,7 +2,7 @@
 
 Measured on this model (float32, CPU, torch 2.13), with the settings of the tests below:
     held-out reconstruction through edit-friendly inversion (w_src 3.5) + regeneration with the same
-    prompt: max abs latent error 2.8e-9 (threshold 1e-5, as for SD1.x)
+    prompt: max abs latent error 3.7e-9 (threshold 1e-5, as for SD1.x)
     colour edits of the 8 held-out pictures heldout_pictures(8), targets edit_targets(p), w_src 3.5,
     skip 36 of 100, inversion seed 0, target guidance 7.5 (this model's; at the paper's 15 it over-saturates):
         target colour reached 8/8; mask IoU with the input 0.08 0.57 0.89 0.77 0.60 0.56 0.07 0.13

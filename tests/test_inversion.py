@@ -5,6 +5,8 @@ import torch
 
 from efddpm.method.defaults import default_skip
 from efddpm.method import inversion as I
+from efddpm.method.latent_code import LatentCode
+from efddpm.method.network import guided_eps
 from efddpm.method import scheduler as S
 from efddpm.method.toy import TOY_SCHEDULE, gaussian_noise_predictor
 
@@ -99,14 +101,14 @@ def test_guidance_is_one_batched_call():
     uncond, conds = prompts()
     x = latent().expand(3, -1, -1, -1)
     w = torch.tensor([1.0, 3.5, 15.0], dtype=torch.float64)
-    eps = I.guided_eps(f, x, 501, conds, uncond, w)
+    eps = guided_eps(f, x, 501, conds, uncond, w)
     assert calls == [6]                                                       # one call, [uncond; cond]
     t = torch.full((3,), 501)
     f_u, f_c = f(x, t, uncond.expand(3, -1, -1)), f(x, t, conds)
     assert torch.allclose(eps, f_u + w.view(3, 1, 1, 1) * (f_c - f_u), atol=1e-12)
     calls.clear()
     # no condition (the authors' empty source prompt): no guidance term, a single plain call
-    eps_u = I.guided_eps(f, x, 501, None, uncond, 3.5)
+    eps_u = guided_eps(f, x, 501, None, uncond, 3.5)
     assert calls == [3] and torch.allclose(eps_u, f_u, atol=1e-12)
 
 
@@ -172,7 +174,7 @@ def test_save_and_load(tmp_path):
                                      meta={"source_prompt": "a cat"})
     path = tmp_path / "code.safetensors"
     code.save(path)
-    back = I.LatentCode.load(path)
+    back = LatentCode.load(path)
     for name in ("x_T", "zs", "xts", "timesteps"):
         assert torch.equal(getattr(back, name), getattr(code, name))
     assert back.settings == code.settings and back.settings["source_prompt"] == "a cat"

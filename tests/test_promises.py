@@ -19,7 +19,8 @@ from efddpm.app.embedded import DEFAULT_MODEL
 from efddpm.miniature import world
 from efddpm.app.cli import DEFAULT_DEVICE, build_parser, main
 from efddpm.app.fast import inversion_chunk
-from efddpm.method.inversion import LatentCode, edit_friendly_inversion
+from efddpm.method.inversion import edit_friendly_inversion
+from efddpm.method.latent_code import LatentCode
 from efddpm.app.editor import Editor
 from efddpm.method.scheduler import alphas_cumprod, timesteps
 

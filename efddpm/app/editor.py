@@ -56,6 +56,14 @@ def _guidance_list(value, n: int) -> list[float] | float:
     return checks.guidances(value, n)[0] if not isinstance(value, (list, tuple)) else checks.guidances(value, n)
 
 
+class PromptWarning(UserWarning):
+    """A prompt longer than the text encoder reads (75 tokens): it is cut."""
+
+
+class SettingWarning(UserWarning):
+    """A setting that will likely not do what it is meant to (e.g. a colour manipulation on a guided code)."""
+
+
 @dataclass
 class Editor:
     """The models of one checkpoint, and the edit-friendly inversion and editing of images with them.
@@ -149,6 +157,27 @@ class Editor:
         vae_attention = side ** 4 * item
         return maps + max(attention, vae_maps, vae_attention)
 
+    def prompt_list(self, prompts, name: str = "prompts") -> list[str]:
+        """One prompt or a non-empty list of them, as a list of strings."""
+        if isinstance(prompts, str):
+            return [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InputError(f"{name} must be a string or a non-empty list of strings, got {prompts!r}")
+        return list(prompts)
+
+    def check_code(self, code, targets: int = 1) -> None:
+        """A latent code this model can regenerate: checked settings and tensors, latents with the UNet's channels,
+        one row or one per target."""
+        if not isinstance(code, LatentCode):
+            raise InputError(f"code must be a LatentCode, got {type(code).__name__}")
+        code.check()
+        shape, channels = tuple(code.x_T.shape), self.models.unet.config.in_channels
+        if len(shape) != 4 or shape[1] != channels:
+            raise InputError(f"the code's latents are {list(shape)}, this model's are [B, {channels}, h, w]")
+        if shape[0] not in (1, targets):
+            raise InputError(f"the code holds {shape[0]} inversions and there are {targets} prompts: give one prompt "
+                             f"per inversion, or a code of one")
+
     def check_output(self, latents: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(latents).all()):
             raise InputError("the result holds NaN or infinite values (a guidance or strength too large for this "
@@ -169,11 +198,9 @@ class Editor:
     @torch.inference_mode()
     def encode_prompts(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompts -> CLIP last hidden states [B, 77, width]; warns when a prompt is cut after 75 tokens."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not all(isinstance(p, str) for p in prompts):
-            raise InputError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
+        prompts = self.prompt_list(prompts)
         for message in self.prompt_warnings(prompts):
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, PromptWarning, stacklevel=3)
         return encode_prompts(self.models.tokenizer, self.models.text_encoder, prompts)  # [B, 77, width]
 
     @torch.inference_mode()
@@ -251,9 +278,12 @@ class Editor:
         except torch.OutOfMemoryError:
             if not fallback or chunk == 1:
                 raise
-            if state is not None:
-                generator.set_state(state)   # the same draws as the batched attempt
-            return run(1)                     # one timestep per call: fits wherever the regeneration fits
+        # out of the except block, so the failed attempt's activations are freed before the retry
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if state is not None:
+            generator.set_state(state)       # the same draws as the batched attempt
+        return run(1)                         # one timestep per call: fits wherever the regeneration fits
 
     def regenerate(self, code: LatentCode, prompts: str | list[str], *, guidance: float | list[float] | None = None,
                    skip: int | None = None, eta: float | None = None, progress: Progress | None = None,
@@ -262,12 +292,8 @@ class Editor:
         guidance None: the code's source guidance (none for a code of an empty source prompt: then f(x, t, prompt)).
         skip None: T_skip = 36 of 100 scaled to the code's steps. options: those of efddpm.method.inversion.regenerate
         (zero_last_noise, reference_direction, noise_edit)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise InputError("give at least one prompt")
-        if not isinstance(code, LatentCode):
-            raise InputError(f"code must be a LatentCode, got {type(code).__name__}")
-        code.check()
+        prompts = self.prompt_list(prompts)
+        self.check_code(code, len(prompts))
         n = code.num_steps
         skip = checks.skip(default_skip(n) if skip is None else skip, n, inverted_skip=code.settings["skip"])
         guidance = None if guidance is None else _guidance_list(guidance, len(prompts))
@@ -305,10 +331,10 @@ class Editor:
         relative latent error of 0.67 at w 3.5, 0.18 at w 1). With codes at w 3.5, 10 held-out pictures shifted by
         up to 4 latent pixels: from x_T 2 of 10 shapes landed within 2 px of 4 (dy, dx) (median miss 3.6 px, max
         10), from 50 of 100 steps 10 of 10 (max 1.6 px), from 36 of 100 9 of 10."""
-        code.check()
+        self.check_code(code)
         dy, dx = checks.shift(dy, dx, tuple(code.x_T.shape[-2:]))
         skip = self.shift_skip(code.num_steps) if skip is None else skip
-        prompt = code.settings.get("source_prompt", "") if prompt is None else prompt
+        prompt = code.settings.get("source_prompt", "") if prompt is None else self.prompt_list(prompt, "prompt")[0]
         latents = self.regenerate(shift_code(code, dy, dx), prompt, guidance=None, skip=skip, progress=progress)
         return to_pil(self.decode(latents))[0]
 
@@ -332,13 +358,16 @@ class Editor:
         held-out pictures, t in 1..40: at w 0 the target colour was reached 5 of 10 times at s 0.2 and 10 of 10 at
         s 0.5, 1 and 2 (s 1: median RGB distance 3, the rest of the picture within 0.23 / 255 on average of the
         plain reconstruction); at w 3.5 and s 1, 0 of 10."""
+        self.check_code(code)
+        if code.settings["skip"] > 0:
+            raise InputError(f"the colour manipulation regenerates from x_T, and this code was inverted for edits "
+                             f"with skip >= {code.settings['skip']}; invert with skip=0")
         limit = self.models.defaults.get("colour_source_guidance")
         guidance = code.settings.get("guidance")
         if limit is not None and isinstance(guidance, (int, float)) and guidance > limit:
             warnings.warn(f"this code was inverted with source guidance {guidance}; this model's colour manipulation "
                           f"needs {limit} or less (the guidance holds the colour the source prompt names)",
-                          stacklevel=2)
-        code.check()
+                          SettingWarning, stacklevel=2)
         strength = checks.strength(self.colour_strength if strength is None else strength)
         step_range = checks.step_range(default_colour_range(code.num_steps) if step_range is None else step_range,
                                        code.num_steps)
@@ -351,7 +380,7 @@ class Editor:
         encode = lambda img: self.encode_image(img[0] * 0.5 + 0.5, size)[0]
         target = colour_target(encode, colour, (size, size), pixels, pixel_mask)   # M, [1, 4, h, w]
         latent = latent_mask(pixel_mask, tuple(target.shape[-2:])).to(self.device)
-        prompt = code.settings.get("source_prompt", "") if prompt is None else prompt
+        prompt = code.settings.get("source_prompt", "") if prompt is None else self.prompt_list(prompt, "prompt")[0]
         latents = colour_edit(self.noise_predictor(progress, graphed=True), code.to(self.device), latent,
                               target.to(self.device), strength, step_range, self.encode_prompts(prompt),
                               self.encode_prompts(""))                              # the code's guidance

@@ -105,8 +105,8 @@ def as_pil(image) -> Image.Image:
             raise ImageError(f"numpy images must be uint8 [H, W] or [H, W, 1|3|4], got {image.dtype} {list(image.shape)}")
         return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
     if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] not in (1, 3):
-            raise ImageError(f"tensor images must be [3, H, W] or [1, H, W], got shape {list(image.shape)}")
+        if image.ndim != 3 or image.shape[0] not in (1, 3) or image.numel() == 0:
+            raise ImageError(f"tensor images must be [3, H, W] or [1, H, W], non-empty, got shape {list(image.shape)}")
         if image.dtype == torch.uint8:
             array = image
         elif image.is_floating_point():
@@ -131,7 +131,7 @@ def load_mask(mask, size: int) -> tuple[torch.Tensor, str]:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
     pixels, note = load_image(img, size)                                      # [1, 3, size, size] in [-1, 1]
-    region = pixels.mean(dim=1, keepdim=True) > -1                             # any pixel brighter than black
+    region = pixels.mean(dim=1, keepdim=True) > 0                              # brighter than mid-grey
     if not bool(region.any()):
         raise ImageError("the mask marks nothing (all black or fully transparent); white marks the region to edit")
     return region, note
@@ -139,7 +139,13 @@ def load_mask(mask, size: int) -> tuple[torch.Tensor, str]:
 
 def load_image(image, size: int) -> tuple[torch.Tensor, str]:
     """Anything as_pil takes -> tensor [1, 3, size, size] in [-1, 1] (float32), and a line describing the resize."""
-    square, note = fit_square(to_rgb(as_pil(image)), size)
+    try:
+        rgb = to_rgb(as_pil(image))
+    except ValueError as e:                    # a mode Pillow cannot convert (e.g. premultiplied "La")
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"unsupported image ({e})") from None
+    square, note = fit_square(rgb, size)
     return to_unit(torch.from_numpy(np.array(square)).permute(2, 0, 1)[None]), note    # [1, 3, size, size]
 
 

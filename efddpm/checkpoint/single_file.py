@@ -18,7 +18,7 @@ from efddpm.checkpoint.common import (SD1_IMAGE_SIZE, CheckpointError, Weights, 
                                       width_ratio)
 from efddpm.checkpoint.names import transformers_clip_name
 from efddpm.checkpoint.tensors import read_tensors
-from efddpm.method.defaults import MODEL_DEFAULT_KEYS
+from efddpm.method.defaults import MODEL_DEFAULT_KEYS, MODEL_DEFAULT_RANGES
 from efddpm.nets.clip import CLIPTextConfig
 from efddpm.nets.tokenizer import CLIPTokenizer
 from efddpm.nets.unet import UNet, UNetConfig
@@ -132,8 +132,9 @@ def model_defaults(values, what: str) -> dict:
     for key, value in values.items():
         if key not in MODEL_DEFAULT_KEYS:
             raise CheckpointError(f"{what}: unknown model default {key!r} (known: {', '.join(MODEL_DEFAULT_KEYS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise CheckpointError(f"{what}: model default {key} must be a finite number >= 0, got {value!r}")
+        high = MODEL_DEFAULT_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+            raise CheckpointError(f"{what}: model default {key} must be a number in [0, {high:g}], got {value!r}")
     return dict(values)
 
 

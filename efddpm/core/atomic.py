@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +49,8 @@ class Outputs:
     def write(self, path: str | os.PathLike, write: Callable[[Path], None]) -> None:
         """write(tmp) fills a temporary file beside `path`; commit() moves it into place."""
         path = self.check(path)
+        if any(final == path for _, final in self.staged):
+            raise OutputError(f"output {path} is written twice by one command")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -59,32 +62,39 @@ class Outputs:
             raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
     def commit(self) -> list[Path]:
-        """Move every staged file into place, or none of them; returns the final paths."""
-        placed, set_aside = [], []   # final paths placed so far; (backup, final) of replaced files
+        """Move every staged file into place, or none of them; returns the final paths.
+
+        Without overwrite a file is placed by a hard link, which fails on an existing name. With overwrite the old
+        file is first kept under a second name (a hard link: the final name never disappears), then replaced in
+        one rename; if a later file fails, the old ones are put back."""
+        placed, kept = [], []   # final paths placed so far; (backup, final) of the files replaced
         try:
             for tmp, path in self.staged:
                 if self.overwrite and path.exists():
                     if path.is_dir():
                         raise OutputError(f"output {path} is a folder")
-                    backup = path.with_name(f".{path.name}.{os.getpid()}.replaced")
-                    os.replace(path, backup)
-                    set_aside.append((backup, path))
-                _place(tmp, path)
+                    backup = path.with_name(f".{path.name}.{uuid.uuid4().hex}.replaced")
+                    os.link(path, backup)
+                    kept.append((backup, path))
+                    os.replace(tmp, path)
+                else:
+                    place_new(tmp, path)
                 placed.append(path)
         except BaseException as e:
+            restored = {path for _, path in kept}
             for path in placed:
-                path.unlink(missing_ok=True)
-            for backup, path in set_aside:
-                os.replace(backup, path)
+                if path not in restored:
+                    best_effort(path.unlink, missing_ok=True)
+            for backup, path in kept:
+                best_effort(os.replace, backup, path)
             self.discard()
             if isinstance(e, FileExistsError):
-                raise OutputError(f"output exists: {e.filename}; another run wrote it meanwhile "
-                                  "(pass --overwrite to replace it)") from None
+                raise OutputError(f"output exists: {e.filename}; another run wrote it meanwhile") from None
             if isinstance(e, OSError) and not isinstance(e, OutputError):
                 raise OutputError(f"cannot write {e.filename or path}: {e.strerror or e}") from None
             raise
-        for backup, _ in set_aside:
-            backup.unlink(missing_ok=True)
+        for backup, _ in kept:
+            best_effort(backup.unlink, missing_ok=True)
         self.staged = []
         return placed
 
@@ -104,7 +114,7 @@ class Outputs:
             self.discard()
 
 
-def _place(tmp: Path, path: Path) -> None:
+def place_new(tmp: Path, path: Path) -> None:
     """Move tmp to path, never replacing a file that exists (a hard link fails on an existing name)."""
     try:
         os.link(tmp, path)
@@ -118,6 +128,14 @@ def _place(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
         return
     tmp.unlink()
+
+
+def best_effort(action, *args, **kwargs) -> None:
+    """Undo steps run to the end even when one of them fails: the others still undo what they can."""
+    try:
+        action(*args, **kwargs)
+    except OSError:
+        pass
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = True) -> None:

@@ -22,7 +22,9 @@ SHIFT_SKIP_FRACTION = 0.0        # image shifting regenerates from the shifted x
 #   colour_source_guidance   w_src of the inversion before a colour manipulation (the guidance holds the colour
 #                            a source prompt names)
 #   colour_strength          s of the colour manipulation
-MODEL_DEFAULT_KEYS = ("target_guidance", "shift_skip_fraction", "colour_source_guidance", "colour_strength")
+MODEL_DEFAULT_RANGES = {"target_guidance": 100.0, "shift_skip_fraction": 0.99, "colour_source_guidance": 100.0,
+                        "colour_strength": 100.0}   # each from 0 to this (guidance and strength: efddpm.core.checks)
+MODEL_DEFAULT_KEYS = tuple(MODEL_DEFAULT_RANGES)
 
 
 def default_skip(num_steps: int) -> int:

@@ -90,9 +90,11 @@ class LatentCode:
             settings = json.loads(metadata[METADATA_KEY])
         except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{path} is not a readable efddpm latent code ({type(e).__name__})") from None
+        if isinstance(settings, dict) and settings.get("method") == "ddim":
+            settings.setdefault("skip", 0)   # DDIM codes saved before "skip" was recorded: every map is there
         code = cls(*(tensors[k] for k in TENSORS), settings)
         code.check(str(path))
-        return code.to(device)
+        return code.to(checks.device(device))
 
     def check(self, what: str = "latent code") -> None:
         """Raise InputError unless the tensors and settings are those of a code made here: every key, type,
@@ -110,16 +112,18 @@ class LatentCode:
                 raise bad(f"setting {key!r} has the wrong type ({type(s[key]).__name__})")
         if s["method"] not in METHODS:
             raise bad(f"unknown method {s['method']!r} (known: {', '.join(METHODS)})")
+        batch = self.x_T.shape[0] if self.x_T.dim() >= 2 else 0
+        if batch < 1:
+            raise bad(f"x_T is {list(self.x_T.shape)}, expected [B >= 1, ...]")
         try:
-            schedule = ScheduleConfig(**s["schedule"])
-            alphas_cumprod(schedule)                                     # refuses an unknown kind
+            schedule = checked_schedule(s["schedule"])
             grid = timesteps(s["num_steps"], schedule)
             checks.eta(s["eta"], "eta")
             checks.skip(s["skip"], s["num_steps"], "skip")
             g = s["guidance"]
             if g is not None:
-                checks.guidances(g, len(g) if isinstance(g, list) else 1, "guidance")
-        except (TypeError, ValueError) as e:
+                checks.guidances(g, batch if isinstance(g, list) else 1, "guidance")
+        except (TypeError, ValueError, RuntimeError) as e:
             raise bad(f"bad settings ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         n, dtype = s["num_steps"], getattr(torch, s["dtype"], None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -135,6 +139,18 @@ class LatentCode:
             raise bad("holds NaN or infinite values")
         if not torch.equal(self.x_T, self.xts[n]):
             raise bad("x_T differs from xts[N]")
+
+
+def checked_schedule(values) -> ScheduleConfig:
+    """A schedule from a code's settings, refused (ValueError) unless its numbers make a training schedule."""
+    schedule = ScheduleConfig(**values)
+    T, start, end = schedule.num_train_timesteps, schedule.beta_start, schedule.beta_end
+    if not (isinstance(T, int) and 1 <= T <= 10_000 and isinstance(start, (int, float))
+            and isinstance(end, (int, float)) and 0 < start < end < 1 and isinstance(schedule.steps_offset, int)
+            and 0 <= schedule.steps_offset < T and isinstance(schedule.set_alpha_to_one, bool)):
+        raise ValueError(f"not a training schedule: {values}")
+    alphas_cumprod(schedule)                                              # refuses an unknown kind
+    return schedule
 
 
 def code_settings(*, method: str, num_steps: int, eta: float, guidance, schedule: ScheduleConfig, dtype: torch.dtype,

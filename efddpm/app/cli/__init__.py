@@ -26,6 +26,7 @@ import torch
 from efddpm.app.cli.commands import COMMANDS
 from efddpm.app.cli.parser import DEFAULT_DEVICE, build_parser
 from efddpm.app.cli.runner import run
+from efddpm.app.editor import SettingWarning
 from efddpm.app.images import LargeImageWarning
 from efddpm.checkpoint import CheckpointError
 from efddpm.core.atomic import OutputError
@@ -34,20 +35,24 @@ from efddpm.core.checks import InputError
 __all__ = ["DEFAULT_DEVICE", "build_parser", "main"]
 
 
-def warn_once(message, *_, said: set = set()) -> None:
-    """Warnings as one line each, each said once per process (an image is opened more than once)."""
-    if str(message) not in said:
-        said.add(str(message))
-        print(f"efddpm: warning: {message}", file=sys.stderr)
+def warn_once(said: set):
+    """A showwarning that prints each of efddpm's warnings as one line, once per command (an image is opened more
+    than once)."""
+    def show(message, *_):
+        if str(message) not in said:
+            said.add(str(message))
+            print(f"efddpm: warning: {message}", file=sys.stderr)
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # prompt-length warnings are printed by runner.run
-            warnings.simplefilter("always", LargeImageWarning)
-            warnings.showwarning = warn_once
+            warnings.simplefilter("ignore", UserWarning)       # other libraries' notes; prompt lengths: runner.run
+            for ours in (LargeImageWarning, SettingWarning):
+                warnings.simplefilter("always", ours)
+            warnings.showwarning = warn_once(set())
             run(COMMANDS[args.command], args)
     except (InputError, CheckpointError, OutputError) as e:
         print(f"efddpm: error: {e}", file=sys.stderr)

@@ -110,7 +110,8 @@ def read_noise(path: str | None) -> torch.Tensor | None:
         raise UsageError(f"--noise {path}: not a readable .safetensors file ({type(e).__name__})") from None
     if len(tensors) != 1:
         raise UsageError(f"--noise {path}: needs exactly one tensor, holds {len(tensors)}")
-    return checks.finite_tensor(f"--noise {path}", next(iter(tensors.values())).float())
+    noise = next(iter(tensors.values()))
+    return checks.finite_tensor(f"--noise {path}", noise if noise.is_floating_point() else noise.double())
 
 
 def seeds_for(args) -> list[int]:

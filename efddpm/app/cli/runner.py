@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch
 from PIL import Image
 
 from efddpm.core.version import VERSION
@@ -21,8 +22,10 @@ from efddpm.app.cli.inputs import check_new_files, check_output_folder
 from efddpm.app.cli.parser import DTYPES, UsageError
 from efddpm.app.embedded import DEFAULT_MODEL
 from efddpm.app.images import png_writer
+from efddpm.checkpoint import CheckpointError
 from efddpm.core import checks
-from efddpm.core.atomic import Outputs
+from efddpm.core.atomic import OutputError, Outputs
+from efddpm.core.checks import InputError
 from efddpm.method.latent_code import LatentCode
 
 
@@ -59,6 +62,7 @@ def run(command: Callable[..., Plan], args) -> None:
     for message in editor.prompt_warnings(plan.prompts):
         print(f"efddpm: warning: {message}", file=sys.stderr)
     written = 0
+    kept = lambda: plan.interrupted(written) if plan.interrupted is not None and written else "nothing was written"
     try:
         for outputs in plan.work(editor):
             write(args, editor, outputs)
@@ -67,6 +71,13 @@ def run(command: Callable[..., Plan], args) -> None:
         if plan.interrupted is None:
             raise
         raise KeyboardInterrupt(plan.interrupted(written)) from None
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        raise InputError(f"out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); try a smaller "
+                         f"--size or another --device; {kept()}") from None
+    except (InputError, CheckpointError, OutputError) as e:
+        if plan.interrupted is None or not written:
+            raise
+        raise type(e)(f"{e}; {kept()}") from None   # what the earlier groups wrote stays
 
 
 def load_editor(args, model: str | None = None):
