@@ -16,16 +16,15 @@ import efddpm.checkpoint as ckpt
 from efddpm.checkpoint import CheckpointError, load, save_single_file
 from efddpm.nets.clip import CLIPTextConfig, CLIPTextModel
 from efddpm.nets.unet import UNet, UNetConfig
+from efddpm.method.scheduler import diffusers_config
 from efddpm.nets.vae import AutoencoderKL, VAEConfig
 
-from models_util import (SMALL_UNET, SMALL_VAE, diffusers_unet_config, diffusers_vae_config, fixture_shapes,
-                         randomize_, rel_err, transformers_clip_config, write_tokenizer_folder)
+from models_util import (SD1_LIKE_CLIP, SD1_LIKE_UNET, SD1_LIKE_VAE, SMALL_UNET, SMALL_VAE, diffusers_unet_config,
+                         diffusers_vae_config, fixture_shapes, randomize_, rel_err, transformers_clip_config,
+                         write_tokenizer_folder)
 
-
-# Tiny models whose non-inferable settings (heads, norm groups) are SD1.x's, so that files without
-# metadata load into the same configs (the presets of models_util.py); SD1.x's scheduler as a diffusers folder has it.
-from efddpm.method.scheduler import diffusers_config
-from models_util import SD1_LIKE_CLIP as TINY_CLIP, SD1_LIKE_UNET as TINY_UNET, SD1_LIKE_VAE as TINY_VAE
+# Tiny models whose non-inferable settings (heads, norm groups) are SD1.x's (SD1_LIKE_*), so that files without
+# metadata load into the same configs; SD1.x's scheduler as a diffusers folder has it.
 
 SD1_SCHEDULER = {"_class_name": "PNDMScheduler", **diffusers_config(), "skip_prk_steps": True}
 REL_TOL = 1e-5
@@ -114,9 +113,9 @@ def test_ema_names_and_inferred_configs_match_the_sd1_file():
 @pytest.fixture(scope="module")
 def hf_models(diffusers, transformers):
     """diffusers / transformers twins of the tiny configs, with random weights."""
-    unet = randomize_(diffusers.UNet2DConditionModel(**diffusers_unet_config(TINY_UNET)), seed=1)
-    vae = randomize_(diffusers.AutoencoderKL(**diffusers_vae_config(TINY_VAE)), seed=2)
-    clip = randomize_(transformers.CLIPTextModel(transformers_clip_config(TINY_CLIP)), seed=3)
+    unet = randomize_(diffusers.UNet2DConditionModel(**diffusers_unet_config(SD1_LIKE_UNET)), seed=1)
+    vae = randomize_(diffusers.AutoencoderKL(**diffusers_vae_config(SD1_LIKE_VAE)), seed=2)
+    clip = randomize_(transformers.CLIPTextModel(transformers_clip_config(SD1_LIKE_CLIP)), seed=3)
     return unet.eval(), vae.eval(), clip.eval()
 
 
@@ -143,10 +142,10 @@ def loaded(folder):
 
 
 def test_diffusers_folder_loads_with_its_configs(loaded, folder):
-    assert (loaded.unet.config, loaded.vae.config, loaded.text_encoder.config) == (TINY_UNET, TINY_VAE, TINY_CLIP)
+    assert (loaded.unet.config, loaded.vae.config, loaded.text_encoder.config) == (SD1_LIKE_UNET, SD1_LIKE_VAE, SD1_LIKE_CLIP)
     assert loaded.scheduler_config == SD1_SCHEDULER and loaded.alphas_cumprod is None
     assert loaded.source == str(folder)
-    assert loaded.image_size == 64 * 2 ** (len(TINY_VAE.channel_mult) - 1)  # no sample_size: diffusers' SD1 64
+    assert loaded.image_size == 64 * 2 ** (len(SD1_LIKE_VAE.channel_mult) - 1)  # no sample_size: diffusers' SD1 64
     assert loaded.tokenizer("a photo of a cat")[0, :3].tolist() == [49406, 320, 1125]
     assert not loaded.unet.training
 
@@ -272,7 +271,7 @@ def test_file_without_metadata_loads_with_configs_inferred_from_shapes(tmp_path,
     else:
         save_file(tensors, path)
     models = load(path)
-    assert (models.unet.config, models.vae.config, models.text_encoder.config) == (TINY_UNET, TINY_VAE, TINY_CLIP)
+    assert (models.unet.config, models.vae.config, models.text_encoder.config) == (SD1_LIKE_UNET, SD1_LIKE_VAE, SD1_LIKE_CLIP)
     assert_same_weights(models.unet, loaded.unet)
     assert_same_weights(models.text_encoder, loaded.text_encoder)
     assert torch.equal(models.alphas_cumprod, torch.linspace(1, 0, 1000))
@@ -295,7 +294,7 @@ def full_file(loaded, raw: UNet) -> dict:
 
 
 def test_full_file_gives_ema_or_raw_unet(tmp_path, loaded):
-    raw = randomize_(UNet(TINY_UNET), seed=7)
+    raw = randomize_(UNet(SD1_LIKE_UNET), seed=7)
     save_file(full_file(loaded, raw), tmp_path / "full.safetensors")
     assert_same_weights(load(tmp_path / "full.safetensors").unet, loaded.unet)
     assert_same_weights(load(tmp_path / "full.safetensors", unet_weights="raw").unet, raw)
@@ -465,7 +464,7 @@ def test_raw_unet_from_a_pruned_file_is_refused(tmp_path, tensors):
 
 
 def test_incomplete_ema_copy_is_refused(tmp_path, loaded):
-    tensors = full_file(loaded, randomize_(UNet(TINY_UNET), seed=7))
+    tensors = full_file(loaded, randomize_(UNet(SD1_LIKE_UNET), seed=7))
     tensors.pop(ckpt.EMA_PREFIX + "out2weight")
     with pytest.raises(CheckpointError, match=r"EMA UNet copy has 1 missing \(model_ema\.diffusion_modelout2weight\)"):
         load_tensors(tmp_path, tensors)
@@ -483,7 +482,7 @@ def test_metadata_config_that_contradicts_the_shapes_is_refused(tmp_path, loaded
 
 
 def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
-    models = [cls(config) for cls, config in ((UNet, TINY_UNET), (AutoencoderKL, TINY_VAE),
+    models = [cls(config) for cls, config in ((UNet, SD1_LIKE_UNET), (AutoencoderKL, SD1_LIKE_VAE),
                                               (CLIPTextModel, CLIPTextConfig(vocab_size=1000, width=48, layers=1)))]
     save_single_file(tmp_path / "small-vocab.safetensors", *models)
     with pytest.raises(CheckpointError, match=r"tokenizer has 49408 tokens, the text encoder embeds only 1000"):
@@ -535,7 +534,7 @@ def test_ckpt_needing_arbitrary_objects_is_refused_without_running_them(tmp_path
     ("attention_head_dim", [5, 10, 20], r"per-level attention_head_dim=\[5, 10, 20\]"),
 ])
 def test_unsupported_unet_configs_are_refused_by_field(field, value, message):
-    config = diffusers_unet_config(TINY_UNET) | {field: value}
+    config = diffusers_unet_config(SD1_LIKE_UNET) | {field: value}
     with pytest.raises(CheckpointError, match=message):
         ckpt.unet_config_from_diffusers(config)
 

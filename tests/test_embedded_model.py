@@ -1,4 +1,4 @@
-"""The shipped default model (weights/efddpm-world.safetensors, trained by efddpm.miniature.train).
+"""The shipped default model (weights/efddpm-shapes.safetensors, trained by efddpm.miniature.train).
 
 Measured on this model (float32, CPU, torch 2.13), with the settings of the tests below:
     held-out reconstruction through edit-friendly inversion (w_src 3.5) + regeneration with the same

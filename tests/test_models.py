@@ -11,8 +11,8 @@ from efddpm.nets.clip import CLIPTextConfig, CLIPTextModel
 from efddpm.nets.unet import UNet, UNetConfig
 from efddpm.nets.vae import AutoencoderKL, VAEConfig
 
-from models_util import (SMALL_CLIP, SMALL_UNET, SMALL_VAE, diffusers_unet_config, diffusers_vae_config,
-                         fixture_shapes, randomize_, rel_err, transformers_clip_config)
+from models_util import (SMALL_CLIP, SMALL_UNET, SMALL_VAE, UNET_WITHOUT_TOP_ATTENTION, diffusers_unet_config,
+                         diffusers_vae_config, fixture_shapes, randomize_, rel_err, transformers_clip_config)
 
 REL_TOL = 1e-5
 
@@ -110,7 +110,6 @@ def test_unet_parity_small():
 
 
 def test_unet_parity_small_no_attention_at_top_level():
-    from models_util import UNET_WITHOUT_TOP_ATTENTION
     check_unet(UNET_WITHOUT_TOP_ATTENTION, latent=8, seed=1)
 
 

@@ -21,7 +21,7 @@ CUDA, float32 on CPU. --seed fixes the data, the initial weights and every batch
 from --minutes by timing a few passes of each stage and printed; --vae-steps / --unet-steps repeat a run
 step for step (bit-exactness on CUDA also needs the same GPU and library versions).
 
-    python -m efddpm.miniature.train --out weights/efddpm-world.safetensors --device cuda       # ~9 min on one H100
+    python -m efddpm.miniature.train --out weights/efddpm-shapes.safetensors --device cuda       # ~9 min on one H100
     python -m efddpm.miniature.train --out /tmp/tiny.safetensors --minutes 0.5 --pictures 2000 --batch 16   # CPU smoke run
 """
 from __future__ import annotations
