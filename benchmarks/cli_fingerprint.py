@@ -4,6 +4,9 @@ every PNG byte for byte (CPU, float32, fixed seeds).
     python benchmarks/cli_fingerprint.py --save fingerprint.json     # before the change
     python benchmarks/cli_fingerprint.py --compare fingerprint.json  # after it: exit 1 on any difference
 
+Run both with the same thread count (e.g. OMP_NUM_THREADS=1): on the CPU the number of threads changes the order
+of float32 sums, hence the bits (measured: with 2 threads instead of 1, 6 of the 8 outputs differ).
+
 Runs edit (two targets and a grid), invert + regenerate, shift, recolor and batch on the shipped picture
 (docs/red_circle.png) with short step counts, in a fixed folder layout so that the paths written into the PNG
 metadata are the same every time; prints the SHA-256 of each output file.

@@ -238,12 +238,15 @@ def test_replacing_a_file_never_leaves_its_name_empty(tmp_path, monkeypatch):
     import efddpm.core.atomic as atomic
     path = tmp_path / "model.safetensors"
     path.write_bytes(b"old")
-    real_replace, seen = os.replace, []
+    seen = []   # does the final name exist after each rename or link of the commit?
 
-    def replace(src, dst):
-        seen.append(Path(path).exists())
-        real_replace(src, dst)
-    monkeypatch.setattr(atomic.os, "replace", replace)
+    def watched(real):
+        def call(src, dst):
+            real(src, dst)
+            seen.append(path.exists())
+        return call
+    monkeypatch.setattr(atomic.os, "replace", watched(os.replace))
+    monkeypatch.setattr(atomic.os, "link", watched(os.link))
     atomic.write_atomically(path, lambda tmp: tmp.write_bytes(b"new"))
     assert path.read_bytes() == b"new" and seen and all(seen)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
@@ -422,6 +425,7 @@ def test_api_refuses_non_finite_and_out_of_range_numbers(editor, picture, api_co
             editor.edit(api_code, ["a", "b"], **kwargs)
     for kwargs, words in (({"seed": 2 ** 70}, "seed must be in 0.."), ({"steps": 1000}, "steps must be in 1..999"),
                           ({"guidance": float("inf")}, "guidance must be a finite number"),
+                          ({"eta": 0.0}, "eta must be above 0: the edit-friendly inversion divides by sigma_t"),
                           ({"seed": 1, "noise": torch.zeros(12, 1, 4, 16, 16)}, "at most one of seed, generator"),
                           ({"noise": torch.zeros(11, 1, 4, 16, 16)}, "noise must have shape [12, 1, 4, 16, 16]")):
         with pytest.raises(InputError, match=re.escape(words)):

@@ -33,7 +33,7 @@ from efddpm.method.defaults import (COLOUR_STRENGTH, ETA, SHIFT_SKIP_FRACTION, S
 from efddpm.method.inversion import edit_friendly_inversion, extract_noise, regenerate
 from efddpm.method.latent_code import LatentCode
 from efddpm.method.manipulations import colour_edit, colour_target, latent_mask, shift_code
-from efddpm.method.scheduler import SD1, check_alphas_cumprod, max_steps
+from efddpm.method.scheduler import SD1, check_alphas_cumprod, diffusers_config, max_steps
 
 
 def check_schedule(models: StableDiffusionModels) -> None:
@@ -44,8 +44,8 @@ def check_schedule(models: StableDiffusionModels) -> None:
         except ValueError as e:
             raise CheckpointError(f"{models.source}: {e}") from None
     cfg = models.scheduler_config or {}
-    expected = {"num_train_timesteps": SD1.num_train_timesteps, "beta_start": SD1.beta_start,
-                "beta_end": SD1.beta_end, "beta_schedule": SD1.kind}
+    expected = {k: v for k, v in diffusers_config(SD1).items()
+                if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
     different = {k: cfg[k] for k, v in expected.items() if k in cfg and cfg[k] != v}
     if different:
         raise CheckpointError(f"{models.source}: scheduler_config.json has {different}, SD1.x's schedule is {expected}")
@@ -240,9 +240,7 @@ class Editor:
         """
         steps = checks.steps(steps, max_steps())
         skip = checks.skip(skip, steps)
-        eta = checks.eta(eta)
-        if eta == 0:
-            raise InputError("eta must be above 0 for the edit-friendly inversion (eq. 5 divides by sigma_t = eta * ...)")
+        eta = checks.inversion_eta(eta)
         if sum(x is not None for x in (seed, generator, noise)) > 1:
             raise InputError("give at most one of seed, generator and noise")
         if not isinstance(source_prompt, str):

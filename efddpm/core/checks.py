@@ -78,6 +78,14 @@ def eta(value, name: str = "eta") -> float:
     return number(name, value, low=0.0, high=1.0)
 
 
+def inversion_eta(value, name: str = "eta") -> float:
+    """eta of a DDPM inversion: in (0, 1], since eq. 5 divides by sigma_t = eta * sqrt(var_t)."""
+    value = eta(value, name)
+    if value == 0:
+        raise InputError(f"{name} must be above 0: the edit-friendly inversion divides by sigma_t = eta * sqrt(var_t)")
+    return value
+
+
 def seed(value, name: str = "seed", count: int = 1) -> int:
     """A seed for torch.Generator; `count` consecutive seeds (seed, seed + 1, ...) must all be valid."""
     return integer(name, value, low=0, high=MAX_SEED - (count - 1))

@@ -34,9 +34,7 @@ def check_settings(args) -> None:
             args.cfg_tgt = checks.guidances(args.cfg_tgt, len(targets), "--cfg-tgt")
         else:
             checks.guidance(args.cfg_tgt, "--cfg-tgt")
-    args.eta = checks.eta(args.eta, "--eta")
-    if args.eta == 0:
-        raise UsageError("--eta must be above 0: the edit-friendly inversion divides by sigma_t = eta * ...")
+    args.eta = checks.inversion_eta(args.eta, "--eta")
     count = getattr(args, "num_inversions", 1)
     checks.integer("--num-inversions", count, low=1, high=1000)
     if args.seed is not None:
