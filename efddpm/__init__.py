@@ -5,6 +5,7 @@ from efddpm.checkpoint import CheckpointError, StableDiffusionModels, load, save
 from efddpm.nets.clip import CLIPTextConfig, CLIPTextModel
 from efddpm.app.editor import Editor
 from efddpm.method.latent_code import LatentCode
+from efddpm.method.p2p import P2P
 from efddpm.method.inversion import (ddim_inversion, edit, edit_friendly_inversion, native_inversion,
                         regenerate)
 from efddpm.method.scheduler import SD1, ScheduleConfig

@@ -130,6 +130,13 @@ def test_regenerate_refuses_a_code_the_model_cannot_run(tmp_path, capsys, code_f
                    words, tmp_path)
 
 
+def test_regenerate_refuses_p2p_flags_without_p2p_and_words_the_codes_prompt_lacks(tmp_path, capsys, code_file):
+    argv = ["regenerate", code_file, "--target", "a blue square", "--skip", "4", "--out", tmp_path / "out", "--quiet"]
+    assert_refused(capsys, argv + ["--sa", "0.5"], "--sa needs --p2p", tmp_path)
+    assert_refused(capsys, argv + ["--p2p", "--blend", "circle"], "--blend word 'circle' is not a word of the source "
+                   "or target prompts ('a red square' | 'a blue square')", tmp_path)
+
+
 def test_regenerate_below_the_codes_inverted_skip(tmp_path, capsys, code_file):
     path = code_file.with_name("skip4.safetensors")
     assert_refused(capsys, ["regenerate", path, "--target", "x", "--skip", "2", "--out", tmp_path, "--quiet"],
@@ -149,12 +156,17 @@ def cli_cases(tmp: Path, picture: Path, model: Path) -> dict:
     (tmp / "edits.yaml").write_text("- image: red.png\n  source: a\n  targets: [b]\n")
     (tmp / "unknown-key.json").write_text(json.dumps([{"image": str(picture), "source": "a", "targets": ["b"],
                                                        "guidance": 3}]))
+    entry = {"image": str(picture), "source": "a red square", "targets": ["a blue square"]}
+    for name, extra in (("xa-without-p2p", {"xa": 0.5}), ("blend-cow", {"p2p": True, "blend": ["cow"]}),
+                        ("p2p-yes", {"p2p": "yes"}), ("reweight-list", {"p2p": True, "reweight": ["blue", 2]})):
+        (tmp / f"{name}.json").write_text(json.dumps([{**entry, **extra}]))
     base = ["edit", picture, "--source", "a red square", "--target", "x", "--model", model, "--out", tmp / "out"]
     edit = base + FAST
     embedded = ["edit", picture, "--target", "x", "--out", tmp / "out", *FAST]
     recolor = ["recolor", picture, "--color", "#0000ff", "--t-range", "1", "6", "--model", model, "--out", tmp / "out",
                *FAST[:2], "--quiet"]
     shift = ["shift", picture, "--model", model, "--out", tmp / "out", *FAST[:2], "--quiet"]
+    batch = lambda name: ["batch", tmp / f"{name}.json", "--model", model, "--out", tmp / "out", *FAST]
     return {
         # silent wrong outputs
         "target guidance NaN": (edit + ["--cfg-tgt", "nan"], "--cfg-tgt must be a finite number, got nan"),
@@ -179,6 +191,24 @@ def cli_cases(tmp: Path, picture: Path, model: Path) -> dict:
         "YAML batch file": (["batch", tmp / "edits.yaml", "--model", model], "unknown type '.yaml'"),
         "unknown key in a batch entry": (["batch", tmp / "unknown-key.json", "--model", model],
                                          "entry 1 has unknown key 'guidance'"),
+        # Prompt-to-Prompt
+        "--xa without --p2p": (edit + ["--xa", "0.5"], "--xa needs --p2p"),
+        "--blend without --p2p": (edit + ["--blend", "red"], "--blend needs --p2p"),
+        "xa above 1": (edit + ["--p2p", "--xa", "1.5"], "--xa must be in [0, 1], got 1.5"),
+        "sa NaN": (edit + ["--p2p", "--sa", "nan"], "--sa must be a finite number, got nan"),
+        "blend word in neither prompt": (edit + ["--p2p", "--blend", "red", "cow"],
+                                         "--blend word 'cow' is not a word of the source or target prompts"),
+        "reweight word missing from the target": (edit + ["--p2p", "--reweight", "red=2"],
+                                                  "--reweight word 'red' is not a word of the target prompt 'x'"),
+        "reweight without a scale": (edit + ["--p2p", "--reweight", "x"], "--reweight must be WORD=SCALE"),
+        "reweight scale inf": (edit + ["--p2p", "--reweight", "x=inf"], "--reweight x must be a finite number"),
+        "reweight with no cross window": (edit + ["--p2p", "--reweight", "x=2", "--xa", "0"],
+                                          "--xa must be above 0"),
+        "p2p with several inversions": (edit + ["--p2p", "--num-inversions", "2"], "--p2p edits one inversion"),
+        "xa in a batch entry without p2p": (batch("xa-without-p2p"), "entry 1: xa needs p2p"),
+        "blend word missing in a batch entry": (batch("blend-cow"), "entry 1: blend word 'cow' is not a word"),
+        "p2p not a bool in a batch entry": (batch("p2p-yes"), "entry 1: p2p must be true or false, got 'yes'"),
+        "reweight not a table in a batch entry": (batch("reweight-list"), "entry 1: reweight must map words to scales"),
     }
 
 
@@ -186,7 +216,12 @@ CLI_CASES = ["target guidance NaN", "source guidance inf", "target guidance 1e30
              "transparent mask", "1000 steps", "size 24 on the embedded model", "size 8 on the embedded model",
              "size 40 on the embedded model", "size 2048 on the embedded model", "size 100000 on the embedded model",
              "device bogus", "seed beyond 64 bits", "shift beyond the picture",
-             "output name is a folder, with --overwrite", "YAML batch file", "unknown key in a batch entry"]
+             "output name is a folder, with --overwrite", "YAML batch file", "unknown key in a batch entry",
+             "--xa without --p2p", "--blend without --p2p", "xa above 1", "sa NaN", "blend word in neither prompt",
+             "reweight word missing from the target", "reweight without a scale", "reweight scale inf",
+             "reweight with no cross window", "p2p with several inversions", "xa in a batch entry without p2p",
+             "blend word missing in a batch entry", "p2p not a bool in a batch entry",
+             "reweight not a table in a batch entry"]
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
@@ -432,6 +467,25 @@ def test_api_refuses_non_finite_and_out_of_range_numbers(editor, picture, api_co
             editor.invert(picture, "a red square", **{"steps": 12, **kwargs})
     with pytest.raises(InputError, match="'bogus' is not a device"):
         Editor.from_pretrained("whatever", device="bogus")
+
+
+def test_api_refuses_bad_p2p_settings(editor, api_code):
+    from efddpm.method.p2p import P2P
+    for p2p, words in ((P2P(xa=2.0), "xa must be in [0, 1], got 2"),
+                       (P2P(sa=float("nan")), "sa must be a finite number"),
+                       (P2P(window="steps"), "window must be one of all, run, got 'steps'"),
+                       (P2P(blend=("cow",)), "blend word 'cow' is not a word of the source or target prompts"),
+                       (P2P(blend=("a b",)), "blend must be words (strings without spaces)"),
+                       (P2P(reweight={"red": 2.0}), "reweight word 'red' is not a word of the target prompt 'a'"),
+                       (P2P(reweight={"a": 1e30}), "reweight a must be in [-100, 100]"),
+                       (P2P(xa=0.0, reweight={"a": 2.0}), "xa must be above 0"),
+                       ({"xa": 0.5}, "p2p must be an efddpm.method.p2p.P2P, got dict")):
+        with pytest.raises(InputError, match=re.escape(words)):
+            editor.edit(api_code, "a", skip=4, p2p=p2p)
+    two = LatentCode(*(torch.cat([t, t], dim=-4) for t in (api_code.x_T, api_code.zs, api_code.xts)),
+                     api_code.timesteps, api_code.settings)
+    with pytest.raises(InputError, match="Prompt-to-Prompt edits one inversion; the code holds 2"):
+        editor.edit(two, ["a", "b"], skip=4, p2p=P2P())
 
 
 def test_api_image_tensors_uint8_is_read_as_0_to_255_nan_and_range_are_refused(editor, picture):

@@ -3,6 +3,7 @@
     editor = Editor.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cuda", dtype=torch.float16)
     code = editor.invert("cat.png", "a photo of a cat", seed=0)       # LatentCode: x_T, z_T..z_1, trajectory, settings
     dog, = editor.edit(code, "a photo of a dog")                      # PIL images, one per target prompt
+    dog, = editor.edit(code, "a photo of a dog", p2p=P2P(xa=0.6))     # with Prompt-to-Prompt (efddpm.method.p2p)
     code.save("cat.safetensors")                                      # LatentCode.load(...) to edit again later
 
 Images become x_0 = the mode (mean) of the VAE posterior times the scaling factor (0.18215 for SD1.x), never a
@@ -22,6 +23,7 @@ from functools import partial
 import torch
 from PIL import Image
 
+from efddpm.app import prompt_to_prompt
 from efddpm.app.fast import GraphedUNet, extract_noise_batched, inversion_chunk
 from efddpm.app.images import load_image, load_mask, to_pil
 from efddpm.app.networks import Progress, decode_latents, encode_pictures, encode_prompts, unet_predictor
@@ -33,6 +35,7 @@ from efddpm.method.defaults import (COLOUR_STRENGTH, ETA, SHIFT_SKIP_FRACTION, S
 from efddpm.method.inversion import edit_friendly_inversion, extract_noise, regenerate
 from efddpm.method.latent_code import LatentCode
 from efddpm.method.manipulations import colour_edit, colour_target, latent_mask, shift_code
+from efddpm.method.p2p import P2P
 from efddpm.method.scheduler import SD1, check_alphas_cumprod, diffusers_config, max_steps
 
 
@@ -303,13 +306,19 @@ class Editor:
 
     def edit(self, code: LatentCode, target_prompts: str | list[str], *, guidance: float | list[float] | None = None,
              skip: int | None = None, eta: float | None = None, output: str = "pil",
-             progress: Progress | None = None) -> list[Image.Image] | torch.Tensor:
+             progress: Progress | None = None, p2p: P2P | None = None) -> list[Image.Image] | torch.Tensor:
         """Edited images, one per target prompt: PIL images, or a tensor [K, 3, H, W] in [-1, 1] (output="tensor").
-        guidance: one weight, or one per prompt; None: self.target_guidance. skip None: 36 of 100, scaled."""
+        guidance: one weight, or one per prompt; None: self.target_guidance. skip None: 36 of 100, scaled.
+        p2p: Prompt-to-Prompt (efddpm.method.p2p.P2P: xa, sa, blend, reweight, window) on the code's source row,
+        regenerated beside the targets under the code's source prompt and guidance (docs/prompt_to_prompt.md)."""
         guidance = self.target_guidance if guidance is None else guidance
         if output not in ("pil", "tensor"):
             raise InputError(f"output must be 'pil' or 'tensor', not {output!r}")
-        latents = self.regenerate(code, target_prompts, guidance=guidance, skip=skip, eta=eta, progress=progress)
+        if p2p is not None:
+            latents = prompt_to_prompt.edit_latents(self, code, self.prompt_list(target_prompts), p2p,
+                                                    guidance=guidance, skip=skip, eta=eta, progress=progress)
+        else:
+            latents = self.regenerate(code, target_prompts, guidance=guidance, skip=skip, eta=eta, progress=progress)
         images = self.decode(latents)
         return images if output == "tensor" else to_pil(images)
 

@@ -10,6 +10,10 @@ At batch 2 an SD1.x UNet step is bound by the host launching ~1,000 kernels, not
   Editor.from_pretrained sets it);
 - float32 networks on CUDA run without TF32 (exact_float32), so the float32 reconstruction stays exact.
 
+Attention control (Prompt-to-Prompt, efddpm.nets.attention_control) keeps channels_last and torch.compile (which
+guards on the controller being unset and traces or breaks around a set one) but not the graphs: GraphedUNet runs the
+UNet eagerly while a controller is set.
+
 Nothing here changes a formula; tests/test_fast_path.py checks the batched inversion against the literal
 Algorithm 1 on the CPU, benchmarks/speed.py measures it on a GPU.
 """
@@ -58,13 +62,18 @@ class GraphedUNet:
     """unet(x, t, context) replayed from a CUDA graph, one graph per input shape (captured on first use).
 
     Inputs are copied into the graph's static buffers and the output is cloned, so callers see an
-    ordinary function. Use under torch.inference_mode(), as efddpm.app.editor does."""
+    ordinary function. Use under torch.inference_mode(), as efddpm.app.editor does.
+
+    While the UNet has an attention controller (UNet.controlled: Prompt-to-Prompt), it runs eagerly instead: a graph
+    replays the kernels it captured and would never consult the controller."""
 
     def __init__(self, unet: nn.Module):
         self.unet = unet
         self.graphs: dict[tuple, tuple] = {}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if getattr(self.unet, "attention_control", None) is not None:
+            return self.unet(x, t, context)
         key = (tuple(x.shape), tuple(context.shape), x.dtype, context.dtype)
         if key not in self.graphs:
             self.graphs[key] = self.capture(x, t, context)

@@ -145,3 +145,71 @@ def memory_bytes(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 2 ** 36  # unknown: assume 64 GiB
+
+
+# ------------------------------------------------------------------------- Prompt-to-Prompt (efddpm.method.p2p)
+
+MAX_REWEIGHT = 100.0      # a word's attention scale beyond this overflows like a guidance would
+P2P_WINDOWS = ("all", "run")
+
+
+def fraction(value, name: str) -> float:
+    """A fraction of the steps, in [0, 1]."""
+    return number(name, value, low=0.0, high=1.0)
+
+
+def p2p_window(value, name: str = "window") -> str:
+    """What P2P's xa and sa are fractions of: "all" N steps (the authors'), or the N - skip steps "run"."""
+    if value not in P2P_WINDOWS:
+        raise InputError(f"{name} must be one of {', '.join(P2P_WINDOWS)}, got {value!r}")
+    return value
+
+
+def words_of(prompt: str) -> list[str]:
+    """A prompt's words as Prompt-to-Prompt finds them: split on single spaces, matched exactly."""
+    return prompt.split(" ")
+
+
+def word_list(value, name: str) -> tuple[str, ...]:
+    """One word or a list of them, each a non-empty string without spaces."""
+    words = [value] if isinstance(value, str) else value
+    if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w and " " not in w for w in words):
+        raise InputError(f"{name} must be words (strings without spaces), got {value!r}")
+    return tuple(words)
+
+
+def blend_words(value, prompts: list[str], name: str = "blend") -> tuple[str, ...]:
+    """Local-blend words: each one a word of at least one of the prompts (the source or a target)."""
+    words = word_list(value, name)
+    for word in words:
+        if not any(word in words_of(p) for p in prompts):
+            raise InputError(f"{name} word {word!r} is not a word of the source or target prompts ("
+                             f"{' | '.join(repr(p) for p in prompts)}); words are split on spaces and match exactly")
+    return words
+
+
+def reweights(value, targets: list[str], name: str = "reweight") -> dict[str, float]:
+    """{word: scale}: each word a word of every target prompt, each scale finite in [-100, 100]."""
+    if not isinstance(value, dict):
+        raise InputError(f"{name} must map words to scales, got {value!r}")
+    out = {}
+    for word, scale in value.items():
+        word_list(word, name)
+        missing = next((t for t in targets if word not in words_of(t)), None)
+        if missing is not None:
+            raise InputError(f"{name} word {word!r} is not a word of the target prompt {missing!r}; words are split "
+                             "on spaces and match exactly")
+        out[word] = number(f"{name} {word}", scale, low=-MAX_REWEIGHT, high=MAX_REWEIGHT)
+    return out
+
+
+def reweight_flag(text: str, name: str = "--reweight") -> tuple[str, float]:
+    """WORD=SCALE as written on the command line."""
+    word, sep, scale = text.rpartition("=")
+    try:
+        value = float(scale)
+    except ValueError:
+        value = None
+    if not sep or not word or value is None:
+        raise InputError(f"{name} must be WORD=SCALE (e.g. blue=2), got {text!r}")
+    return word, value

@@ -15,6 +15,10 @@ ETA = 1.0                        # DDPM (eta 1); 0 would be DDIM, whose sigma_t 
 COLOUR_STRENGTH = 0.2            # s of the colour manipulation
 COLOUR_T_RANGE = (0.01, 0.40)    # [T1, T2] / N: the steps t in which the colour manipulation pushes z_t (1..40 of 100)
 SHIFT_SKIP_FRACTION = 0.0        # image shifting regenerates from the shifted x_T (skip 0)
+P2P_CROSS_FRACTION = 0.6         # Prompt-to-Prompt's xa: cross-attention injected in this fraction of the steps
+P2P_SELF_FRACTION = 0.2          # and sa, self-attention (the authors' main_run.py --mode p2pinv defaults)
+P2P_DDIM_CROSS_FRACTION = 0.8    # the authors' DDIM + P2P baseline (--mode p2pddim) uses 0.8 and 0.4
+P2P_DDIM_SELF_FRACTION = 0.4
 
 # What a model's single file may recommend instead of the paper's values (Editor reads models.defaults):
 #   target_guidance          w_tgt of edits

@@ -177,11 +177,13 @@ def ddim_inversion(f: NoisePredictor, x0: Tensor, cond=None, uncond=None, guidan
 # ---------------------------------------------------------------------------------------------
 
 NoiseEdit = Callable[[int, Tensor, Tensor], Tensor]   # (n, z_n [K, ...], P(f) [K, ...]) -> z_n
+StepCallback = Callable[[int, Tensor], Tensor]        # (n, x_{n-1} [K, ...]) -> x_{n-1}
 
 
 def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guidance=None, *,
                skip: int = 0, eta: float | None = None, reference_direction: bool | None = None,
-               zero_last_noise: bool = False, noise_edit: NoiseEdit | None = None) -> Tensor:
+               zero_last_noise: bool = False, noise_edit: NoiseEdit | None = None,
+               step_callback: StepCallback | None = None) -> Tensor:
     """Replay eq. 3 with the code's noise maps: x_{t-1} = mu_t(x_t) + sigma_t z_t.
 
     cond: [K or 1, ...] target condition(s); guidance: a number or one per target ([K]); None
@@ -191,7 +193,8 @@ def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guid
     eta / reference_direction: None means the code's. zero_last_noise: use z_1 = 0 (the
     authors' choice; the output then differs from x_0 by sigma_1 z_1). noise_edit(n, z_n, P):
     replaces z_n before it is used, for manipulations (n is the paper's t, from N-skip down to 1).
-    Returns x_0 [K, ...] in the code's dtype.
+    step_callback(n, x): replaces x_{n-1} after each step (Prompt-to-Prompt's local blend and step count,
+    efddpm.method.p2p). Returns x_0 [K, ...] in the code's dtype.
     """
     st = code.settings
     schedule = code.schedule
@@ -221,6 +224,8 @@ def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guid
         if noise_edit is not None:
             z = noise_edit(n, z, predicted_x0(x, eps, s.abar_t))
         x = ddpm_step(x, eps, s, z)                                        # eq. 3
+        if step_callback is not None:
+            x = step_callback(n, x)
     return x
 
 

@@ -10,8 +10,13 @@ weights under `model.diffusion_model.` load without renaming:
     output_blocks[0..11]  per level (deepest first): num_res_blocks+1 x (ResBlock on the concatenated
                           skip [+ SpatialTransformer]) [+ Upsample]
     out                   GroupNorm, SiLU, conv 320 -> 4
+
+Attention control (efddpm.nets.attention_control): within `with unet.controlled(control):` every attention layer
+asks the controller whether to hand over its probabilities, to be read or replaced (Prompt-to-Prompt); without a
+controller the fused scaled_dot_product_attention runs alone. The weights and outputs are the same either way.
 """
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from efddpm.nets.attention_control import AttentionControl, AttentionSite, attention_probabilities
 from efddpm.nets.blocks import Upsample
 
 
@@ -66,7 +72,9 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of x [B, N, dim] over context [B, M, context_dim] (self-attention if None)."""
+    """Multi-head attention of x [B, N, dim] over context [B, M, context_dim] (self-attention if None).
+
+    site: where it sits (set by the UNet); control: the UNet's controller while one is set (UNet.controlled)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
@@ -75,6 +83,8 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
+        self.site: AttentionSite | None = None
+        self.control: AttentionControl | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -82,7 +92,11 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, heads, N, C/heads]
         k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # [B, heads, M, C/heads]
         v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, C/heads]
+        if self.control is None or not self.control.wants(self.site, N, context.shape[1]):
+            out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, C/heads], probabilities never formed
+        else:
+            probs = self.control(self.site, attention_probabilities(q, k))  # [B, heads, N, M], read or replaced
+            out = probs.to(v.dtype) @ v  # [B, heads, N, C/heads]
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -181,8 +195,12 @@ class UNet(nn.Module):
         def res(in_ch, out_ch):
             return ResBlock(in_ch, out_ch, emb_dim, c.norm_groups, c.dropout)
 
-        def attn(ch):
-            return SpatialTransformer(ch, c.context_dim, c.num_heads, c.norm_groups, c.dropout)
+        placed = []  # (place, level, transformer) in call order: the attention sites
+
+        def attn(ch, place, level):
+            transformer = SpatialTransformer(ch, c.context_dim, c.num_heads, c.norm_groups, c.dropout)
+            placed.append((place, level, transformer))
+            return transformer
 
         ch = c.model_channels
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
@@ -192,14 +210,15 @@ class UNet(nn.Module):
                 layers = [res(ch, mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if level in c.attention_levels:
-                    layers.append(attn(ch))
+                    layers.append(attn(ch, "down", level))
                 self.input_blocks.append(TimestepEmbedSequential(layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.middle_block = TimestepEmbedSequential([res(ch, ch), attn(ch), res(ch, ch)])
+        self.middle_block = TimestepEmbedSequential([res(ch, ch), attn(ch, "mid", len(c.channel_mult) - 1),
+                                                     res(ch, ch)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -207,12 +226,45 @@ class UNet(nn.Module):
                 layers = [res(ch + skip_channels.pop(), mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if level in c.attention_levels:
-                    layers.append(attn(ch))
+                    layers.append(attn(ch, "up", level))
                 if level != 0 and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(layers))
 
         self.out = nn.Sequential(nn.GroupNorm(c.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+
+        self.attention_layers = []  # every CrossAttention, in call order (a plain list: no new weights)
+        counts = {False: 0, True: 0}  # layers so far of each kind: self, cross
+        for place, level, transformer in placed:
+            for block in transformer.transformer_blocks:
+                for layer, cross in ((block.attn1, False), (block.attn2, True)):  # BasicTransformerBlock's order
+                    layer.site = AttentionSite(place, level, cross, counts[cross])
+                    counts[cross] += 1
+                    self.attention_layers.append(layer)
+        self.attention_control: AttentionControl | None = None   # the controller set now (UNet.controlled)
+
+    @property
+    def attention_sites(self) -> list[AttentionSite]:
+        """Every attention layer's site, in call order."""
+        return [layer.site for layer in self.attention_layers]
+
+    @contextmanager
+    def controlled(self, control: AttentionControl):
+        """Within the block, every attention layer consults `control` (efddpm.nets.attention_control); on the way
+        out the fused attention alone runs again."""
+        if self.attention_control is not None:
+            raise RuntimeError("this UNet already has an attention controller")
+        if isinstance(control, nn.Module):   # would be registered as a submodule: new keys in the state dict
+            raise TypeError("an attention controller must not be an nn.Module")
+        self.attention_control = control
+        for layer in self.attention_layers:
+            layer.control = control
+        try:
+            yield control
+        finally:
+            self.attention_control = None
+            for layer in self.attention_layers:
+                layer.control = None
 
     def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

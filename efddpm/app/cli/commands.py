@@ -2,15 +2,16 @@
 (its outputs' names, its prompts, its work); efddpm.app.cli.runner.run performs it in the order all share."""
 from pathlib import Path
 
-from efddpm.app.cli.inputs import (check_settings, parse_colour, read_batch, read_code, read_mask, read_noise,
-                                   seeds_for)
+from efddpm.app.cli.inputs import (check_p2p_flags, check_settings, p2p_settings, parse_colour, read_batch,
+                                   read_code, read_mask, read_noise, seeds_for)
 from efddpm.app.cli.parser import UsageError
 from efddpm.app.cli.runner import Output, Plan, Progress, note
 from efddpm.app.images import grid, load_image, open_image, to_pil
 from efddpm.core import checks
 from efddpm.method.defaults import default_colour_range, default_skip
+from efddpm.method.p2p import P2P, mode
 
-TILE_KEYS = ("target", "cfg_tgt", "seed", "inversion")   # the settings of an edit that differ between grid tiles
+TILE_KEYS = ("target", "cfg_tgt", "seed", "inversion", "p2p")   # the settings of an edit that differ between tiles
 
 
 def output_names(out: Path, stem: str, n_targets: int, seeds: list[int]) -> list[Path]:
@@ -24,21 +25,28 @@ def target_guidances(cfg_tgt: float | list[float] | None, editor, n: int) -> lis
     return checks.guidances(editor.target_guidance if cfg_tgt is None else cfg_tgt, n, "--cfg-tgt")
 
 
+def p2p_record(p2p: P2P | None, steps: int, skip: int, source: str, target: str) -> dict:
+    """The "p2p" entry of an edit's metadata: the settings, the steps they came to, word swap or phrase addition."""
+    return {} if p2p is None else {"p2p": {**p2p.settings(steps, skip), "mode": mode(source, target)}}
+
+
 def edit_one(args, editor, image, source: str, targets: list[str], guidances: list[float], seeds: list[int],
-             out: Path, stem: str, *, with_grid: bool = False, noise=None) -> list[Output]:
-    """Invert `image` once per seed, edit it with every target: the PNGs (and the grid)."""
+             out: Path, stem: str, *, with_grid: bool = False, noise=None, p2p: P2P | None = None) -> list[Output]:
+    """Invert `image` once per seed, edit it with every target (with Prompt-to-Prompt when p2p is given): the PNGs
+    (and the grid)."""
     edits, inversions = [], []
     with Progress(len(seeds) * 2 * (args.steps - args.skip), args.quiet) as progress:
         for seed in seeds:   # inversion and edit: steps - skip network calls each
             code = editor.invert(image, source, steps=args.steps, guidance=args.cfg_src, eta=args.eta,
                                  seed=None if noise is not None else seed, noise=noise, size=args.size,
                                  skip=args.skip, progress=progress)
-            images = editor.edit(code, targets, guidance=guidances, skip=args.skip, progress=progress)
+            images = editor.edit(code, targets, guidance=guidances, skip=args.skip, progress=progress, p2p=p2p)
             inversions.append(code.settings)
             for target, guidance, img in zip(targets, guidances, images):
                 edits.append((img, dict(image=str(image), resize=code.settings["image"], source=source, target=target,
                                         cfg_src=args.cfg_src, cfg_tgt=guidance, steps=args.steps, skip=args.skip,
                                         eta=args.eta, seed=code.settings["seed"], size=int(img.width),
+                                        **p2p_record(p2p, args.steps, args.skip, source, target),
                                         inversion=code.settings)))
     note(args, f"{image}: {code.settings['image']}")
     outputs = [Output(name, img, settings)
@@ -48,7 +56,8 @@ def edit_one(args, editor, image, source: str, targets: list[str], guidances: li
         shared = {k: v for k, v in edits[0][1].items() if k not in TILE_KEYS}
         outputs.append(Output(out / f"{stem}_grid.png", grid(to_pil(pixels) + [img for img, _ in edits]), {
             **shared, "layout": "input | edits, seed by seed, targets in order",
-            "tiles": [{k: s[k] for k in ("seed", "target", "cfg_tgt")} for _, s in edits], "inversions": inversions}))
+            "tiles": [{k: s[k] for k in ("seed", "target", "cfg_tgt", "p2p") if k in s} for _, s in edits],
+            "inversions": inversions}))
     return outputs
 
 
@@ -56,12 +65,13 @@ def edit(args) -> Plan:
     check_settings(args)
     open_image(args.image)  # fail on a bad image before loading any model
     noise = read_noise(args.noise)
+    p2p = p2p_settings(args, args.source, args.target)
     out, stem, seeds = Path(args.out), Path(args.image).stem, seeds_for(args)
 
     def work(editor):
         guidances = target_guidances(args.cfg_tgt, editor, len(args.target))
         yield edit_one(args, editor, args.image, args.source, args.target, guidances, seeds, out, stem,
-                       with_grid=args.grid, noise=noise)
+                       with_grid=args.grid, noise=noise, p2p=p2p)
     return Plan(folder=out, names=output_names(out, stem, len(args.target), seeds)
                 + ([out / f"{stem}_grid.png"] if args.grid else []),
                 prompts=[args.source, *args.target], work=work)
@@ -92,6 +102,9 @@ def regenerate(args) -> Plan:
                             inverted_skip=code.settings["skip"])
     if args.cfg_tgt is not None:
         args.cfg_tgt = checks.guidances(args.cfg_tgt, len(args.target), "--cfg-tgt")
+    check_p2p_flags(args)
+    source = code.settings.get("source_prompt", "")
+    p2p = p2p_settings(args, source, args.target)
     model = args.model or code.settings.get("model")
     if not isinstance(model, str) or not model:
         raise UsageError(f"{args.code} does not name its model; pass --model")
@@ -101,9 +114,10 @@ def regenerate(args) -> Plan:
     def work(editor):
         guidances = target_guidances(args.cfg_tgt, editor, len(args.target))
         with Progress(n - args.skip, args.quiet) as progress:
-            images = editor.edit(code, args.target, guidance=guidances, skip=args.skip, progress=progress)
+            images = editor.edit(code, args.target, guidance=guidances, skip=args.skip, progress=progress, p2p=p2p)
         yield [Output(name, img, dict(code=str(args.code), source=code.settings.get("source_prompt"), target=target,
-                                      cfg_tgt=guidance, skip=args.skip, inversion=code.settings))
+                                      cfg_tgt=guidance, skip=args.skip,
+                                      **p2p_record(p2p, n, args.skip, source, target), inversion=code.settings))
                for name, target, guidance, img in zip(names, args.target, guidances, images)]
     return Plan(folder=out, names=names, prompts=args.target, work=work, model=model)
 
@@ -176,12 +190,15 @@ def batch(args) -> Plan:
         raise UsageError(f"batch file {args.file}: two images share a file name, their outputs would collide")
     for e in entries:
         open_image(e["image"])
+    p2ps = [p2p_settings(args, e.get("source", ""), e["targets"], e, f"batch file {args.file}: entry {i}: ")
+            for i, e in enumerate(entries, 1)]
     out, seed = Path(args.out), seeds_for(args)[0]
 
     def work(editor):
         guidances = [target_guidances(args.cfg_tgt, editor, len(e["targets"])) for e in entries]
-        for stem, e, g in zip(stems, entries, guidances):
-            yield edit_one(args, editor, e["image"], e.get("source", ""), e["targets"], g, [seed], out, stem)
+        for stem, e, g, p2p in zip(stems, entries, guidances, p2ps):
+            yield edit_one(args, editor, e["image"], e.get("source", ""), e["targets"], g, [seed], out, stem,
+                           p2p=p2p)
     return Plan(folder=out, work=work,
                 names=[name for stem, e in zip(stems, entries)
                        for name in output_names(out, stem, len(e["targets"]), [seed])],

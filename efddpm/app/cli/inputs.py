@@ -11,11 +11,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from efddpm.app import prompt_to_prompt
 from efddpm.app.cli.parser import UsageError
 from efddpm.app.images import load_mask, open_image
 from efddpm.core import checks
-from efddpm.method.defaults import default_skip
+from efddpm.method.defaults import P2P_CROSS_FRACTION, P2P_SELF_FRACTION, default_skip
 from efddpm.method.latent_code import LatentCode
+from efddpm.method.p2p import P2P
 from efddpm.method.scheduler import max_steps
 
 
@@ -43,6 +45,38 @@ def check_settings(args) -> None:
         checks.integer("--size", args.size, low=8)
     if getattr(args, "noise", None) and count > 1:
         raise UsageError("--noise gives the draws of one inversion; it cannot be combined with --num-inversions")
+    if getattr(args, "p2p", False) and count > 1:
+        raise UsageError("--p2p edits one inversion; it cannot be combined with --num-inversions")
+    if hasattr(args, "p2p"):
+        check_p2p_flags(args)
+
+
+P2P_FLAGS = {"xa": "--xa", "sa": "--sa", "p2p_window": "--p2p-window", "blend": "--blend", "reweight": "--reweight"}
+
+
+def check_p2p_flags(args) -> None:
+    """The Prompt-to-Prompt flags need --p2p; --reweight WORD=SCALE becomes {word: scale}."""
+    if args.reweight:
+        args.reweight = dict(checks.reweight_flag(text) for text in args.reweight)
+    used = [flag for key, flag in P2P_FLAGS.items() if getattr(args, key) is not None]
+    if used and not args.p2p:
+        raise UsageError(f"{used[0]} needs --p2p")
+
+
+def p2p_settings(args, source: str, targets: list[str], entry: dict | None = None, where: str = "") -> P2P | None:
+    """--p2p and its flags, a batch entry's keys over them, as checked settings; None for a plain edit.
+    where: how to name an entry's keys in errors ("batch file F: entry 2: ")."""
+    entry = entry or {}
+    given = {key: entry[key] if key in entry else getattr(args, key, None) for key in ("p2p", *P2P_FLAGS)}
+    names = {key: f"{where}{key}" if key in entry else flag for key, flag in P2P_FLAGS.items()}
+    if not given["p2p"]:
+        if used := [names[k] for k in P2P_FLAGS if k in entry]:
+            raise UsageError(f"{used[0]} needs p2p")
+        return None
+    p2p = P2P(xa=P2P_CROSS_FRACTION if given["xa"] is None else given["xa"],
+              sa=P2P_SELF_FRACTION if given["sa"] is None else given["sa"],
+              window=given["p2p_window"] or "all", blend=given["blend"] or (), reweight=given["reweight"] or {})
+    return prompt_to_prompt.checked(p2p, source, targets, {"window": names.pop("p2p_window"), **names})
 
 
 def check_output_folder(folder: Path) -> None:
@@ -123,7 +157,7 @@ def read_code(path: str) -> LatentCode:
     return LatentCode.load(path)   # checks every tensor and setting; InputError names what is wrong
 
 
-BATCH_KEYS = ("image", "source", "targets")
+BATCH_KEYS = ("image", "source", "targets", "p2p", *P2P_FLAGS)
 
 
 def read_batch(path: Path) -> list[dict]:
@@ -149,5 +183,7 @@ def read_batch(path: Path) -> list[dict]:
                 or not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)):
             raise UsageError(f"batch file {path}: entry {i} must be {{\"image\": str, \"source\": str, "
                              f"\"targets\": [str, ...]}}")
+        if "p2p" in e and not isinstance(e["p2p"], bool):
+            raise UsageError(f"batch file {path}: entry {i}: p2p must be true or false, got {e['p2p']!r}")
         e["image"] = str(path.parent / e["image"])
     return entries

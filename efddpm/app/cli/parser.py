@@ -6,7 +6,7 @@ import torch
 from efddpm.core.version import VERSION
 from efddpm.app.embedded import DEFAULT_MODEL
 from efddpm.core.checks import InputError
-from efddpm.method.defaults import ETA, SOURCE_GUIDANCE, STEPS
+from efddpm.method.defaults import ETA, P2P_CROSS_FRACTION, P2P_SELF_FRACTION, SOURCE_GUIDANCE, STEPS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,13 +55,29 @@ def build_parser() -> Parser:
         p.add_argument("--skip", type=int, help="T_skip: steps left out at the start (default: 36 of 100, scaled to "
                                                 "--steps)")
 
+    def p2p_flags(p):
+        g = p.add_argument_group("Prompt-to-Prompt", "inject the source row's attention maps into the edits "
+                                 "(docs/prompt_to_prompt.md); the flags below need --p2p")
+        g.add_argument("--p2p", action="store_true", help="edit with Prompt-to-Prompt: word swap when source and "
+                                                          "target have equally many words, else phrase addition")
+        g.add_argument("--xa", type=float, help=f"fraction of the steps with cross-attention injected (default: "
+                                                f"{P2P_CROSS_FRACTION})")
+        g.add_argument("--sa", type=float, help=f"fraction of the steps with self-attention injected, in layers of "
+                                                f"<= 256 pixels (default: {P2P_SELF_FRACTION})")
+        g.add_argument("--p2p-window", choices=["all", "run"], help="what --xa and --sa are fractions of: all N "
+                       "steps, counted from the skip point (the authors'), or the N - skip steps run (default: all)")
+        g.add_argument("--blend", nargs="+", metavar="WORD", help="local blend: change only where these words of "
+                                                                  "the source or target prompt attend")
+        g.add_argument("--reweight", action="append", metavar="WORD=SCALE",
+                       help="scale the attention of a target word (repeatable)")
+
     def output_flags(p, what):
         p.add_argument("--out", default=".", help=f"folder for the {what}, created if missing (default: %(default)s)")
         p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     p = commands.add_parser("edit", help="invert an image and edit it with target prompts")
     p.add_argument("image")
-    inversion_flags(p, with_noise=True), edit_flags(p), model_flags(p), output_flags(p, "edited PNGs")
+    inversion_flags(p, with_noise=True), edit_flags(p), p2p_flags(p), model_flags(p), output_flags(p, "edited PNGs")
     p.add_argument("--num-inversions", type=int, default=1, help="several inversions (seeds) for diverse edits")
     p.add_argument("--grid", action="store_true", help="also write a side-by-side grid (input | edits)")
 
@@ -73,7 +89,7 @@ def build_parser() -> Parser:
 
     p = commands.add_parser("regenerate", help="edit a saved latent code with target prompts")
     p.add_argument("code", help="a .safetensors latent code written by `efddpm invert`")
-    edit_flags(p), model_flags(p), output_flags(p, "PNGs")
+    edit_flags(p), p2p_flags(p), model_flags(p), output_flags(p, "PNGs")
 
     p = commands.add_parser("shift", help="the paper's image shifting: shift the noise maps of an inversion and regenerate")
     p.add_argument("image")
@@ -101,8 +117,9 @@ def build_parser() -> Parser:
 
     p = commands.add_parser("batch", help="edit many images listed in a JSON or TOML file")
     p.add_argument("file", help='a list of {"image", "source", "targets"} (TOML: [[edit]] tables); '
-                                "relative image paths are relative to the file")
-    inversion_flags(p, with_source=False), model_flags(p), output_flags(p, "edited PNGs")
+                                "relative image paths are relative to the file; an entry may also set p2p, xa, sa, "
+                                "p2p_window, blend (words) and reweight ({word: scale}), over the flags")
+    inversion_flags(p, with_source=False), p2p_flags(p), model_flags(p), output_flags(p, "edited PNGs")
     p.add_argument("--cfg-tgt", type=float, help="target guidance (default: the model's, else the paper's 15)")
     p.add_argument("--skip", type=int, help="T_skip (default: 36 of 100, scaled to --steps)")
     return parser
