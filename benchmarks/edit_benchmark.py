@@ -4,7 +4,9 @@ Each held-out picture (efddpm.miniature.world.heldout_pictures) gets a colour ed
 circle ...") and a shape edit ("a red circle ..." -> "a red square ..."), by edit-friendly inversion, native DDPM
 inversion, DDIM inversion (skip 0 is the authors' DDIM baseline) and SDEdit, with the paper's defaults (T_skip 36 of
 100 steps, target guidance w 15), a sweep of T_skip (20, 36, 52 at w 15) and of w (3.5, 7.5, 15 at skip 36); SDEdit
-at strengths 0.3, 0.5, 0.7 with w 7.5 and 15. The edits are run and measured by efddpm.miniature.measure, as the
+at strengths 0.3, 0.5, 0.7 with w 7.5 and 15; and the paper's Sec. 3 combination, edit-friendly inversion +
+Prompt-to-Prompt (skip 36, w 15 and 7.5; xa 0.6, sa 0.2), with the authors' DDIM + P2P baseline (skip 0; xa 0.8, sa
+0.4) beside it. The edits are run and measured by efddpm.miniature.measure, as the
 embedded model's tests run and measure theirs: hit (target reached), kept (the other attribute), mask IoU, box IoU,
 shift (px) and bg kept, each against the input.
 
@@ -13,7 +15,7 @@ smaller than the shape's contrast with its background. Only then is the recolour
 the target caption nearest to the input; beyond it the nearest is a smaller shape, and a sampler that follows
 the target caption is pulled that way, whatever the inversion.
 
-    python benchmarks/edit_benchmark.py                  # 20 pictures, ~6 min on a 2-core CPU
+    python benchmarks/edit_benchmark.py                  # 20 pictures, ~19 min on a 2-core CPU
     python benchmarks/edit_benchmark.py --pictures 4 --out /tmp/bench      # a quick look
 
 Writes results.md (the table), results.json (every measurement), results.png (adherence vs structure)
@@ -51,6 +53,8 @@ def settings() -> list[Setting]:
             + [Setting(method, 36, w) for w in GUIDANCES if w != 15.0]
     out.append(Setting("DDIM", 0, 15.0))        # the authors' DDIM baseline: all 100 steps
     out += [Setting("SDEdit", round(NUM_STEPS * (1 - s)), w) for w in SDEDIT_GUIDANCES for s in SDEDIT_STRENGTHS]
+    out += [Setting("edit-friendly+P2P", 36, w) for w in (15.0, 7.5)]          # the paper's Sec. 3 combination
+    out += [Setting("DDIM+P2P", 0, 15.0), Setting("DDIM+P2P", 0, 7.5), Setting("DDIM+P2P", 36, 7.5)]
     return out
 
 
@@ -139,7 +143,8 @@ def examples(pics, src_imgs, outputs, chosen: list[Setting], k: int = 4, scale: 
     cols = 1 + len(chosen)
     img = Image.new("RGB", (cols * size, 14 + 2 * k * size), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    short = {"edit-friendly": "EF", "native": "native", "DDIM": "DDIM", "SDEdit": "SDEdit"}
+    short = {"edit-friendly": "EF", "native": "native", "DDIM": "DDIM", "SDEdit": "SDEdit", "edit-friendly+P2P": "EF+P2P",
+             "DDIM+P2P": "DDIM+P2P"}
     heads = [f"{short[s.method]} " + (f"s{s.strength:.1f}" if s.method == "SDEdit" else f"k{s.skip}")
              + f" w{s.guidance:g}" for s in chosen]
     for j, s in enumerate(["input"] + heads):
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
          "rows": rows}, indent=1))
     plot(summary).save(args.out / "results.png")
     chosen = [Setting(m, 36, w) for w in (15.0, 7.5) for m in ("edit-friendly", "native", "DDIM")] \
-        + [Setting("SDEdit", 50, 7.5)]
+        + [Setting("SDEdit", 50, 7.5), Setting("edit-friendly+P2P", 36, 7.5), Setting("DDIM+P2P", 0, 7.5)]
     examples(pics, edits.images, outputs, chosen).save(args.out / "examples.png")
     print(md)
     print(f"wrote {args.out}/results.md, results.json, results.png, examples.png; {time.perf_counter() - started:.0f} s")

@@ -13,6 +13,9 @@ Each picture gets a colour edit ("a red circle ..." -> "a blue circle ...") and 
     native          the native DDPM inversion (forward chain, eq. 1), same regeneration
     DDIM            DDIM inversion (source guidance 3.5), then deterministic sampling (eta 0) from T - skip
     SDEdit          the input latent noised to strength 1 - skip / NUM_STEPS (eq. 2, fresh noise), then DDPM sampling
+    edit-friendly+P2P   the edit-friendly code regenerated with Prompt-to-Prompt (efddpm.method.p2p), the authors'
+                    --mode p2pinv: source and target rows together, xa 0.6, sa 0.2 (fractions of all steps)
+    DDIM+P2P        the DDIM code, likewise, with the authors' --mode p2pddim fractions xa 0.8, sa 0.4
 
 Every inversion and every SDEdit run draws its noise from a fresh generator seeded by the set's seed.
 An output is measured against its source picture and the target's spec:
@@ -39,13 +42,16 @@ from efddpm.checkpoint import StableDiffusionModels
 from efddpm.method.inversion import ddim_inversion, edit_friendly_inversion, native_inversion, regenerate
 from efddpm.method.latent_code import LatentCode
 from efddpm.method.manipulations import sdedit
+from efddpm.method.p2p import P2P, PromptToPrompt, p2p_edit
+from efddpm.method.seq_align import tokenize
 from efddpm.miniature import world
 
 NUM_STEPS = 100
 SOURCE_GUIDANCE = 3.5
-METHODS = ("edit-friendly", "native", "DDIM", "SDEdit")
+METHODS = ("edit-friendly", "native", "DDIM", "SDEdit", "edit-friendly+P2P", "DDIM+P2P")
 KINDS = ("colour", "shape")      # the edits of world.edit_targets, in its order
 INVERSIONS = {"edit-friendly": edit_friendly_inversion, "native": native_inversion, "DDIM": ddim_inversion}
+P2P_SETTINGS = {"edit-friendly+P2P": P2P(xa=0.6, sa=0.2), "DDIM+P2P": P2P(xa=0.8, sa=0.4)}   # the authors' runs
 
 
 @dataclass(frozen=True)
@@ -118,9 +124,23 @@ class EditSet:
         if setting.method == "SDEdit":
             x = sdedit(self.f, self.x0, NUM_STEPS - setting.skip, tgt, self.uncond, setting.guidance,
                        num_steps=NUM_STEPS, generator=self.generator())                    # [B, 4, h, w]
+        elif setting.method in P2P_SETTINGS:
+            x = torch.cat([self.p2p(setting, kind, i) for i in range(len(self.pictures))])  # [B, 4, h, w]
         else:
             x = regenerate(self.f, self.code(setting.method), tgt, self.uncond, setting.guidance, skip=setting.skip)
         return to_uint8(decode_latents(self.models.vae, x, dtype=self.dtype)).permute(0, 2, 3, 1).cpu().numpy()
+
+    def p2p(self, setting: Setting, kind: str, i: int) -> torch.Tensor:
+        """Picture i's `kind` edit by Prompt-to-Prompt on its code (setting.method: "<inversion>+P2P"): x_0 [1, 4, h, w]."""
+        code = self.code(setting.method.removesuffix("+P2P"))
+        one = LatentCode(code.x_T[i:i + 1], code.zs[:, i:i + 1], code.xts[:, i:i + 1], code.timesteps, code.settings)
+        tok = self.models.tokenizer
+        control = PromptToPrompt(tokenize(tok, self.pictures[i].caption), [tokenize(tok, self.targets[kind][i].caption)],
+                                 P2P_SETTINGS[setting.method], num_steps=NUM_STEPS, skip=setting.skip)
+        with self.models.unet.controlled(control):
+            x = p2p_edit(self.f, one, self.source[i:i + 1], self.target_embeddings[kind][i:i + 1], self.uncond,
+                         SOURCE_GUIDANCE, setting.guidance, control=control, skip=setting.skip)   # [2, 4, h, w]
+        return x[1:]                                                                             # the edit
 
     def measure(self, outputs: np.ndarray, kind: str) -> list[dict]:
         """measure_edit of each output (uint8 [B, H, W, 3]) of the `kind` edits, in the order of the pictures."""
