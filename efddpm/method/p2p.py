@@ -37,14 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from efddpm.core.checks import words_of
+from efddpm.core.checks import P2P_WINDOWS, words_of
 from efddpm.method.defaults import P2P_CROSS_FRACTION, P2P_SELF_FRACTION
 from efddpm.method.inversion import regenerate
 from efddpm.method.latent_code import LatentCode
 from efddpm.method.network import NoisePredictor
 from efddpm.method.seq_align import Tokens, equalizer, refinement_mapper, replacement_mapper, word_positions
 
-WINDOWS = ("all", "run")
 SELF_MAX_KEYS = 16 * 16    # self-attention is replaced only in layers of at most this many keys (the reference's)
 BLEND_THRESHOLD = 0.3      # the local blend keeps a pixel where the normalised map exceeds this (the reference's)
 BLEND_POOL = 1             # the map is max-pooled over (2 BLEND_POOL + 1)^2 pixels first (the reference's k = 1)
@@ -61,8 +60,8 @@ class P2P:
 
     def steps(self, num_steps: int, skip: int) -> tuple[int, int]:
         """(cross_steps, self_steps): the first steps of the regeneration in which maps are injected."""
-        if self.window not in WINDOWS:
-            raise ValueError(f"window must be one of {WINDOWS}, got {self.window!r}")
+        if self.window not in P2P_WINDOWS:
+            raise ValueError(f"window must be one of {P2P_WINDOWS}, got {self.window!r}")
         n = num_steps if self.window == "all" else num_steps - skip
         return int(self.xa * (n + 1)), int(self.sa * n)
 

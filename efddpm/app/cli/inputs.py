@@ -15,7 +15,7 @@ from efddpm.app import prompt_to_prompt
 from efddpm.app.cli.parser import UsageError
 from efddpm.app.images import load_mask, open_image
 from efddpm.core import checks
-from efddpm.method.defaults import P2P_CROSS_FRACTION, P2P_SELF_FRACTION, default_skip
+from efddpm.method.defaults import default_skip
 from efddpm.method.latent_code import LatentCode
 from efddpm.method.p2p import P2P
 from efddpm.method.scheduler import max_steps
@@ -73,9 +73,8 @@ def p2p_settings(args, source: str, targets: list[str], entry: dict | None = Non
         if used := [names[k] for k in P2P_FLAGS if k in entry]:
             raise UsageError(f"{used[0]} needs p2p")
         return None
-    p2p = P2P(xa=P2P_CROSS_FRACTION if given["xa"] is None else given["xa"],
-              sa=P2P_SELF_FRACTION if given["sa"] is None else given["sa"],
-              window=given["p2p_window"] or "all", blend=given["blend"] or (), reweight=given["reweight"] or {})
+    fields = {"xa": "xa", "sa": "sa", "p2p_window": "window", "blend": "blend", "reweight": "reweight"}
+    p2p = P2P(**{field: given[key] for key, field in fields.items() if given[key] is not None})   # else P2P's defaults
     return prompt_to_prompt.checked(p2p, source, targets, {"window": names.pop("p2p_window"), **names})
 
 
