@@ -8,6 +8,7 @@ of the `efddpm edit` command (process start to PNG, weights on disk).
 
     python benchmarks/speed.py                  # everything but the compiled variants (~5 min on an H100)
     python benchmarks/speed.py --compiled       # torch.compile rows only (efddpm and diffusers; compile is slow)
+    python benchmarks/speed.py --p2p            # efddpm only: the edit with Prompt-to-Prompt beside the plain edit
 
 Needs a CUDA GPU; diffusers and transformers only for the baseline rows (benchmark-only dependencies).
 """
@@ -27,6 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from efddpm import AutoencoderKL, CLIPTextModel, CLIPTokenizer, Editor, StableDiffusionModels, UNet  # noqa: E402
 from efddpm.checkpoint import save_single_file  # noqa: E402
+from efddpm.method.p2p import P2P  # noqa: E402
 from efddpm.method.scheduler import diffusers_config  # noqa: E402
 
 DEV, STEPS, SKIP, W_SRC, W_TGT = "cuda", 100, 36, 3.5, 15.0
@@ -63,9 +65,9 @@ def efddpm_models(dtype: torch.dtype) -> StableDiffusionModels:
     return StableDiffusionModels(*models, CLIPTokenizer.bundled(), None, None, "random SD1.x")
 
 
-def efddpm_edit(editor: Editor, image: Image.Image, seed: int = 0) -> torch.Tensor:
+def efddpm_edit(editor: Editor, image: Image.Image, seed: int = 0, p2p: P2P | None = None) -> torch.Tensor:
     code = editor.invert(image, SOURCE, steps=STEPS, guidance=W_SRC, seed=seed, skip=SKIP)
-    return editor.edit(code, TARGET, guidance=W_TGT, skip=SKIP, output="tensor")
+    return editor.edit(code, TARGET, guidance=W_TGT, skip=SKIP, output="tensor", p2p=p2p)
 
 
 def efddpm_latents(editor: Editor, image: Image.Image, seed: int = 0) -> torch.Tensor:
@@ -232,9 +234,29 @@ def compiled_rows(res: dict, image: Image.Image) -> None:
     res["efddpm_fp16_fast_peak_GiB"] = peak_gib(lambda: efddpm_edit(editor, image))
 
 
+def p2p_rows(res: dict, image: Image.Image) -> None:
+    """The reference edit with Prompt-to-Prompt (the authors' xa 0.6, sa 0.2; a word swap, so AttentionReplace)
+    beside the plain edit, same weights, same run. While a controller is attached the UNet runs eagerly (no CUDA
+    graph) and computes explicit attention probabilities where the controller asks (cross-attention everywhere, self-
+    attention at <= 256 keys), and the source row runs beside the target row: batch 4 instead of 2."""
+    models = efddpm_models(torch.float16)
+    models.unet.to(memory_format=torch.channels_last)
+    for name, fast, p2p in (("efddpm_fp16_fast", True, None), ("efddpm_fp16_fast_p2p", True, P2P()),
+                            ("efddpm_fp16_plain", False, None), ("efddpm_fp16_plain_p2p", False, P2P())):
+        editor = Editor(models, torch.float16, fast=fast)
+        efddpm_edit(editor, image, p2p=p2p)  # warm-up
+        res[f"{name}_s"] = timed(lambda: efddpm_edit(editor, image, p2p=p2p))
+        res[f"{name}_peak_GiB"] = peak_gib(lambda: efddpm_edit(editor, image, p2p=p2p))
+        print(json.dumps({k: v for k, v in res.items() if k.startswith(name)}), flush=True)
+        del editor
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compiled", action="store_true", help="only the torch.compile rows")
+    parser.add_argument("--p2p", action="store_true", help="only the Prompt-to-Prompt rows (efddpm alone)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -242,13 +264,14 @@ def main() -> None:
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     gen = np.random.default_rng(0)
     image = Image.fromarray(gen.integers(0, 256, (512, 512, 3), dtype=np.uint8))
-    (compiled_rows if args.compiled else eager_rows)(res, image)
+    (compiled_rows if args.compiled else p2p_rows if args.p2p else eager_rows)(res, image)
     for ours, theirs in (("efddpm_fp16_fast_s", "diffusers_fp16_eager_s"),
                          ("efddpm_fp16_fast_s", "diffusers_fp16_eager_skip_unused_s"),
                          ("efddpm_fp16_fast_contiguous_s", "diffusers_fp16_eager_s"),
                          ("efddpm_fp16_plain_s", "diffusers_fp16_eager_s"),
                          ("efddpm_fp16_fast_compiled_s", "diffusers_fp16_compiled_s"),
-                         ("efddpm_fp16_fast_s", "diffusers_fp16_compiled_s")):
+                         ("efddpm_fp16_fast_s", "diffusers_fp16_compiled_s"),
+                         ("efddpm_fp16_fast_s", "efddpm_fp16_fast_p2p_s"), ("efddpm_fp16_plain_s", "efddpm_fp16_plain_p2p_s")):
         if ours in res and theirs in res:
             res[f"speedup_{ours[:-2]}_vs_{theirs[:-2]}"] = res[theirs] / res[ours]
     print(json.dumps(res, indent=1))

@@ -510,3 +510,10 @@ def test_api_refuses_picture_sides_the_model_cannot_run(picture):
             shapes_editor.encode_image(picture, size)
     with pytest.raises(InputError, match="size 2048 needs about"):
         shapes_editor.encode_image(picture, 2048)
+
+
+def test_api_refuses_the_fast_path_off_cuda(editor):
+    """fast=True means CUDA graphs: on CPU models it used to end in 'torch.cuda.Stream requires CUDA support' at the
+    first UNet call."""
+    with pytest.raises(InputError, match="fast=True needs the models on a CUDA device; they are on cpu"):
+        Editor(editor.models, torch.float32, fast=True)

@@ -1,4 +1,5 @@
-"""CUDA-only checks of the full-size SD1.x networks: fp16/bf16 against fp32, and inductor compile.
+"""CUDA-only checks of the full-size SD1.x networks: fp16/bf16 against fp32, and inductor compile; and
+Prompt-to-Prompt on the fast path (CUDA graphs, batched inversion, channels_last) with the embedded model.
 
 Skipped where there is no GPU (CI); run on a GPU with `pytest tests/test_cuda.py`.
 Tolerances: half precision vs fp32 relative L2 error <= 1e-2 (fp16) / 5e-2 (bf16: 8-bit mantissa; the
@@ -8,6 +9,10 @@ compiled vs eager in the same dtype <= 1e-2 (inductor reorders reductions).
 import pytest
 import torch
 
+from efddpm.app.editor import Editor
+from efddpm.app.embedded import DEFAULT_MODEL
+from efddpm.method.p2p import P2P
+from efddpm.miniature import world
 from efddpm.nets.clip import CLIPTextModel
 from efddpm.nets.unet import UNet
 from efddpm.nets.vae import AutoencoderKL
@@ -72,3 +77,30 @@ def test_inductor_fullgraph_compile_matches_eager(sd1, name):
     model.float()
     print(f"{name} compiled fp16: relative error vs eager {rel_err(compiled, eager):.2e}")
     assert rel_err(compiled, eager) <= 1e-2
+
+
+def p2p_edits(editor: Editor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A held-out picture's colour edit (100 steps, skip 36, the model's guidance) from a code inverted with the given
+    draws: plain, with P2P() and with P2P(xa=0, sa=0); images [1, 3, 64, 64] in [-1, 1] on the CPU."""
+    picture = world.heldout_pictures(1)[0]
+    code = editor.invert(world.render(picture), picture.caption, noise=noise.to(editor.device))
+    target = world.edit_targets(picture)[0].caption
+    return {name: editor.edit(code, target, output="tensor", skip=36, **({} if p2p is None else {"p2p": p2p})).cpu()
+            for name, p2p in (("plain", None), ("p2p", P2P()), ("off", P2P(xa=0.0, sa=0.0)))}
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not present")
+def test_prompt_to_prompt_on_the_fast_path():
+    """While a controller is attached the fast path's UNet runs eagerly (no graph replay) and computes the maps the
+    controller asks for: with xa = sa = 0 the edit is the plain (graph-replayed) edit, P2P() changes it, and the P2P
+    edit equals the CPU's from the same draws. Float32 (the fast path keeps TF32 off)."""
+    noise = torch.randn(100, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0))    # eq. 6's draws, shared
+    fast = Editor.from_pretrained(str(DEFAULT_MODEL), device="cuda")
+    assert fast.fast
+    gpu, cpu = p2p_edits(fast, noise), p2p_edits(Editor.from_pretrained(str(DEFAULT_MODEL)), noise)
+    off, p2p_gain, cross = ((gpu["off"] - gpu["plain"]).abs().max().item(), (gpu["p2p"] - gpu["plain"]).abs().max().item(),
+                            (gpu["p2p"] - cpu["p2p"]).abs().max().item())
+    print(f"max abs image difference: xa=sa=0 vs plain {off:.2e}; P2P vs plain {p2p_gain:.2f}; P2P CUDA vs CPU {cross:.2e}")
+    assert off <= 1e-3
+    assert p2p_gain >= 0.1
+    assert cross <= 1e-2

@@ -78,6 +78,10 @@ class Editor:
     fast: bool = False
     graphed_unet: GraphedUNet | None = field(default=None, init=False, repr=False)
 
+    def __post_init__(self):
+        if self.fast and self.device.type != "cuda":   # CUDA graphs and the batched half-precision path need a GPU
+            raise InputError(f"fast=True needs the models on a CUDA device; they are on {self.device}")
+
     @classmethod
     def from_pretrained(cls, source: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         revision: str | None = None, offline: bool | None = None) -> "Editor":

@@ -26,7 +26,10 @@ An output is measured against its source picture and the target's spec:
     box_iou     of the output's bounding box with the input's: position and size, whatever the shape
     shift       distance between the boxes' centres, pixels of the 64-pixel picture (NaN: no shape left)
     bg_kept     fraction of the input's background (2 px away from the shape) still background
-    colour, shape   what the output shows (world.shape_colour, world.shape_class)
+    colour, shape   what the output shows (pixels.shape_colour, pixels.shape_class)
+
+Shapes are told from background against the source picture's own background (world.render_background), so the
+texture of the background is not mistaken for shape.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from efddpm.method.defaults import P2P_DDIM_CROSS_FRACTION, P2P_DDIM_SELF_FRACTI
 from efddpm.method.manipulations import sdedit
 from efddpm.method.p2p import P2P, PromptToPrompt, p2p_edit
 from efddpm.method.seq_align import tokenize
-from efddpm.miniature import world
+from efddpm.miniature import pixels, world
 
 NUM_STEPS = 100
 SOURCE_GUIDANCE = 3.5
@@ -78,15 +81,16 @@ def measure_edit(source: world.Picture, target: world.Picture, kind: str, source
                  img: np.ndarray) -> dict:
     """The measurements (see the module's doc) of the output img of a `kind` edit ("colour" or "shape") of the
     picture `source`, drawn as source_img, towards the spec `target`. Images: uint8 [H, W, 3]."""
-    src_mask, mask = world.shape_mask(source_img, source.background), world.shape_mask(img, source.background)
-    colour, (shape, _) = world.shape_colour(img, mask), world.shape_class(mask)
-    b0, b1 = world.box(src_mask), world.box(mask)
+    background = world.render_background(source, img.shape[0])                               # uint8 [H, W, 3]
+    src_mask, mask = pixels.shape_mask(source_img, background), pixels.shape_mask(img, background)
+    colour, (shape, _) = pixels.shape_colour(img, mask), pixels.shape_class(mask)
+    b0, b1 = pixels.box(src_mask), pixels.box(mask)
     shift = math.dist(((b0[0] + b0[2]) / 2, (b0[1] + b0[3]) / 2), ((b1[0] + b1[2]) / 2, (b1[1] + b1[3]) / 2)) \
         if b1 is not None else math.nan
     return {"hit": colour == target.colour if kind == "colour" else shape == target.shape,
             "kept": shape == source.shape if kind == "colour" else colour == source.colour,
-            "mask_iou": world.iou(src_mask, mask), "box_iou": world.box_iou(b0, b1), "shift": shift,
-            "bg_kept": world.background_kept(img, src_mask, source.background), "colour": colour, "shape": shape}
+            "mask_iou": pixels.iou(src_mask, mask), "box_iou": pixels.box_iou(b0, b1), "shift": shift,
+            "bg_kept": pixels.background_kept(img, src_mask, background), "colour": colour, "shape": shape}
 
 
 class EditSet:

@@ -2,7 +2,8 @@
 efddpm.miniature.world. Also the worked example of training with efddpm's own modules (UNet, AutoencoderKL,
 CLIPTextModel, CLIPTokenizer, the SD1.x schedule), in the order Stable Diffusion was trained:
 
-    1. data     N training pictures of efddpm.miniature.world (seeded), uint8 [N, 64, 64, 3]; their captions
+    1. data     N training pictures of efddpm.miniature.world (seeded; every one with its own look: colour within its
+                word's range, shading, background texture), uint8 [N, 64, 64, 3]; their captions
                 tokenized once by the real CLIP tokenizer ([C, 77] ids, one row per distinct caption)
     2. VAE      the KL autoencoder (SD1.x layout at width 32/64/64, factor 4: latents [4, 16, 16]),
                 L1 reconstruction of a posterior sample plus a small KL term; then scaling_factor =
@@ -60,8 +61,8 @@ UNET_CONFIG = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_bloc
                          num_heads=4, context_dim=64)
 TEXT_CONFIG = CLIPTextConfig(width=64, layers=3, heads=4, mlp_width=256)
 
-VAE_SHARE = 0.35       # of --minutes, when the VAE is trained here
-VAE_BATCH = 64
+VAE_SHARE = 0.4        # of --minutes, when the VAE is trained here
+VAE_BATCH = 128
 VAE_LR = 1e-3
 KL_WEIGHT = 1e-5       # per latent element, against the per-pixel L1
 UNET_LR = 8e-4
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, type=Path, help="the model file to write (.safetensors)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--minutes", type=float, default=7.0, help="time for the training steps of both stages")
-    ap.add_argument("--pictures", type=int, default=200_000, help="training pictures drawn")
+    ap.add_argument("--pictures", type=int, default=300_000, help="training pictures drawn")
     ap.add_argument("--batch", type=int, default=512, help="UNet batch (the VAE's is %d)" % VAE_BATCH)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae", type=Path, help="take the VAE of this model file instead of training one")
