@@ -153,7 +153,7 @@ def cli_cases(tmp: Path, picture: Path, model: Path) -> dict:
     Image.new("L", (48, 40), 0).save(black)
     clear = tmp / "clear-mask.png"
     Image.new("RGBA", (48, 40), (255, 255, 255, 0)).save(clear)
-    (tmp / "edits.yaml").write_text("- image: red.png\n  source: a\n  targets: [b]\n")
+    (tmp / "edits.csv").write_text("image,source,targets\nred.png,a,b\n")
     (tmp / "unknown-key.json").write_text(json.dumps([{"image": str(picture), "source": "a", "targets": ["b"],
                                                        "guidance": 3}]))
     entry = {"image": str(picture), "source": "a red square", "targets": ["a blue square"]}
@@ -188,7 +188,7 @@ def cli_cases(tmp: Path, picture: Path, model: Path) -> dict:
         "output name is a folder, with --overwrite": (["edit", picture, "--target", "x", "--model", model, "--out",
                                                       tmp, "--overwrite", *FAST], "is a folder"),
         # rough edges
-        "YAML batch file": (["batch", tmp / "edits.yaml", "--model", model], "unknown type '.yaml'"),
+        "batch file of unknown type": (["batch", tmp / "edits.csv", "--model", model], "unknown type '.csv'"),
         "unknown key in a batch entry": (["batch", tmp / "unknown-key.json", "--model", model],
                                          "entry 1 has unknown key 'guidance'"),
         # Prompt-to-Prompt
@@ -216,7 +216,7 @@ CLI_CASES = ["target guidance NaN", "source guidance inf", "target guidance 1e30
              "transparent mask", "1000 steps", "size 24 on the embedded model", "size 8 on the embedded model",
              "size 40 on the embedded model", "size 2048 on the embedded model", "size 100000 on the embedded model",
              "device bogus", "seed beyond 64 bits", "shift beyond the picture",
-             "output name is a folder, with --overwrite", "YAML batch file", "unknown key in a batch entry",
+             "output name is a folder, with --overwrite", "batch file of unknown type", "unknown key in a batch entry",
              "--xa without --p2p", "--blend without --p2p", "xa above 1", "sa NaN", "blend word in neither prompt",
              "reweight word missing from the target", "reweight without a scale", "reweight scale inf",
              "reweight with no cross window", "p2p with several inversions", "xa in a batch entry without p2p",
@@ -419,7 +419,7 @@ def test_outputs_get_the_umask_mode(tmp_path, picture, model):
 def test_a_copy_of_the_embedded_model_keeps_its_target_guidance(tmp_path):
     copy = tmp_path / "my-copy.safetensors"
     copy.write_bytes(EMBEDDED.read_bytes())
-    assert Editor.from_pretrained(str(copy)).target_guidance == 7.5
+    assert Editor.from_pretrained(str(copy)).target_guidance == 3.5 != 15.0   # the model's own, not SD's
 
 
 def test_large_image_warning_is_one_line_of_ours_once(tmp_path, capsys, model, monkeypatch):

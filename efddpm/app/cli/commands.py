@@ -6,6 +6,7 @@ from efddpm.app.cli.inputs import (check_p2p_flags, check_settings, p2p_settings
                                    read_code, read_mask, read_noise, seeds_for)
 from efddpm.app.cli.parser import UsageError
 from efddpm.app.cli.runner import Output, Plan, Progress, note
+from efddpm.app.datasets import entry_name
 from efddpm.app.images import grid, load_image, open_image, to_pil
 from efddpm.core import checks
 from efddpm.method.defaults import default_colour_range, default_skip
@@ -184,28 +185,24 @@ def batch(args) -> Plan:
     """Each entry's PNGs are written all or nothing when the entry is done; finished entries stay if a later one
     fails or the run is interrupted."""
     check_settings(args)
-    entries = read_batch(Path(args.file))
-    stems = [Path(e["image"]).stem for e in entries]
-    if len(set(stems)) != len(stems):
-        raise UsageError(f"batch file {args.file}: two images share a file name, their outputs would collide")
-    for e in entries:
-        open_image(e["image"])
-    p2ps = [p2p_settings(args, e.get("source", ""), e["targets"], e, f"batch file {args.file}: entry {i}: ")
-            for i, e in enumerate(entries, 1)]
+    items = read_batch(args.file, args.image_root)
+    p2ps = [p2p_settings(args, item.source, item.targets, item.options,
+                         f"batch file {args.file}: {entry_name(index, item.id)}: ")
+            for index, item in enumerate(items, 1)]
     out, seed = Path(args.out), seeds_for(args)[0]
 
     def work(editor):
-        guidances = [target_guidances(args.cfg_tgt, editor, len(e["targets"])) for e in entries]
-        for stem, e, g, p2p in zip(stems, entries, guidances, p2ps):
-            yield edit_one(args, editor, e["image"], e.get("source", ""), e["targets"], g, [seed], out, stem,
+        guidances = [target_guidances(args.cfg_tgt, editor, len(item.targets)) for item in items]
+        for item, g, p2p in zip(items, guidances, p2ps):
+            yield edit_one(args, editor, item.image, item.source, item.targets, g, [seed], out, item.image.stem,
                            p2p=p2p)
     return Plan(folder=out, work=work,
-                names=[name for stem, e in zip(stems, entries)
-                       for name in output_names(out, stem, len(e["targets"]), [seed])],
-                prompts=[p for e in entries for p in (e.get("source", ""), *e["targets"])],
+                names=[name for item in items
+                       for name in output_names(out, item.image.stem, len(item.targets), [seed])],
+                prompts=[p for item in items for p in (item.source, *item.targets)],
                 hint="an earlier run of this batch may have finished these entries: pass --overwrite to redo them, "
                      "or remove the finished entries from the batch file",
-                interrupted=lambda done: f"{done} of {len(entries)} entries were finished and written; rerunning "
+                interrupted=lambda done: f"{done} of {len(items)} entries were finished and written; rerunning "
                                          "the batch refuses their outputs unless --overwrite")
 
 

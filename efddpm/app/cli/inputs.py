@@ -2,10 +2,8 @@
 
 Each check raises UsageError (an InputError) with one line naming the flag or file and what is wrong with it.
 """
-import json
 import secrets
 import tempfile
-import tomllib
 from pathlib import Path
 
 import torch
@@ -13,7 +11,8 @@ from PIL import Image
 
 from efddpm.app import prompt_to_prompt
 from efddpm.app.cli.parser import UsageError
-from efddpm.app.images import load_mask, open_image
+from efddpm.app.datasets import ENTRY_OPTIONS, DatasetItem, entry_name, read_dataset
+from efddpm.app.images import ImageError, load_mask, open_image
 from efddpm.core import checks
 from efddpm.method.defaults import default_skip
 from efddpm.method.latent_code import LatentCode
@@ -51,7 +50,7 @@ def check_settings(args) -> None:
         check_p2p_flags(args)
 
 
-P2P_FLAGS = {"xa": "--xa", "sa": "--sa", "p2p_window": "--p2p-window", "blend": "--blend", "reweight": "--reweight"}
+P2P_FLAGS = {key: f"--{key.replace('_', '-')}" for key in ENTRY_OPTIONS if key != "p2p"}   # xa: --xa, ...
 
 
 def check_p2p_flags(args) -> None:
@@ -156,33 +155,16 @@ def read_code(path: str) -> LatentCode:
     return LatentCode.load(path)   # checks every tensor and setting; InputError names what is wrong
 
 
-BATCH_KEYS = ("image", "source", "targets", "p2p", *P2P_FLAGS)
-
-
-def read_batch(path: Path) -> list[dict]:
-    """[{image, source, targets}] from JSON (a list) or TOML ([[edit]] tables); images relative to the file."""
-    if not path.is_file():
-        raise UsageError(f"batch file not found: {path}")
-    if path.suffix not in (".json", ".toml"):
-        raise UsageError(f"batch file {path}: unknown type {path.suffix or '(no suffix)'!r}; write it as .json "
-                         "(a list of edits) or .toml ([[edit]] tables)")
-    try:
-        text = path.read_text(encoding="utf-8")
-        entries = tomllib.loads(text).get("edit") if path.suffix == ".toml" else json.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"batch file {path} is not valid {path.suffix.lstrip('.').upper()}: {e}") from None
-    if not isinstance(entries, list) or not entries:
-        raise UsageError(f"batch file {path} must hold a non-empty list of edits")
-    for i, e in enumerate(entries, 1):
-        if isinstance(e, dict) and (unknown := sorted(set(e) - set(BATCH_KEYS))):
-            raise UsageError(f"batch file {path}: entry {i} has unknown key {unknown[0]!r} (known: "
-                             f"{', '.join(BATCH_KEYS)})")
-        targets = e.get("targets") if isinstance(e, dict) else None
-        if (not isinstance(e, dict) or not isinstance(e.get("image"), str) or not isinstance(e.get("source", ""), str)
-                or not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)):
-            raise UsageError(f"batch file {path}: entry {i} must be {{\"image\": str, \"source\": str, "
-                             f"\"targets\": [str, ...]}}")
-        if "p2p" in e and not isinstance(e["p2p"], bool):
-            raise UsageError(f"batch file {path}: entry {i}: p2p must be true or false, got {e['p2p']!r}")
-        e["image"] = str(path.parent / e["image"])
-    return entries
+def read_batch(path: str, image_root: str | None) -> list[DatasetItem]:
+    """`efddpm batch FILE [--image-root DIR]`: the items of FILE (efddpm.app.datasets reads every format), each
+    image decoded, no two outputs of the same name; errors name the file and the entry."""
+    items = read_dataset(path, image_root=image_root, image_root_name="--image-root")
+    stems = [item.image.stem for item in items]
+    if len(set(stems)) != len(stems):
+        raise UsageError(f"batch file {path}: two images share a file name, their outputs would collide")
+    for index, item in enumerate(items, 1):
+        try:
+            open_image(item.image)
+        except ImageError as e:
+            raise ImageError(f"batch file {path}: {entry_name(index, item.id)}: {e}") from None
+    return items

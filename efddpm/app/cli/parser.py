@@ -115,10 +115,13 @@ def build_parser() -> Parser:
     p.add_argument("--t-range", type=int, nargs=2, metavar=("T1", "T2"),
                    help="the steps t (1 = last) in which z_t is pushed (default: 1..40 of 100, scaled to --steps)")
 
-    p = commands.add_parser("batch", help="edit many images listed in a JSON or TOML file")
-    p.add_argument("file", help='a list of {"image", "source", "targets"} (TOML: [[edit]] tables); '
-                                "relative image paths are relative to the file; an entry may also set p2p, xa, sa, "
-                                "p2p_window, blend (words) and reweight ({word: scale}), over the flags")
+    p = commands.add_parser("batch", help="edit many images listed in a JSON, TOML or YAML file, or PIE-Bench's")
+    p.add_argument("file", help='a JSON list of {"image", "source", "targets"} (TOML: [[edit]] tables), an entry '
+                                "may also set id, p2p, xa, sa, p2p_window, blend (words) and reweight ({word: scale}), "
+                                "over the flags; or the authors' dataset YAML (init_img, source_prompt, "
+                                "target_prompts; needs PyYAML); or PIE-Bench's mapping_file.json (with --image-root)")
+    p.add_argument("--image-root", metavar="DIR", help="the folder that image paths are relative to (default: the "
+                                                       "file's; PIE-Bench: its annotation_images, required)")
     inversion_flags(p, with_source=False), p2p_flags(p), model_flags(p), output_flags(p, "edited PNGs")
     p.add_argument("--cfg-tgt", type=float, help="target guidance (default: the model's, else the paper's 15)")
     p.add_argument("--skip", type=int, help="T_skip (default: 36 of 100, scaled to --steps)")
