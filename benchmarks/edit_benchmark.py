@@ -2,11 +2,11 @@
 
 Each held-out picture (efddpm.miniature.world.heldout_pictures) gets a colour edit ("a red circle ..." -> "a blue
 circle ...") and a shape edit ("a red circle ..." -> "a red square ..."), by edit-friendly inversion, native DDPM
-inversion, DDIM inversion (skip 0 is the authors' DDIM baseline) and SDEdit, with the paper's defaults (T_skip 36 of
-100 steps, target guidance w 15), a sweep of T_skip (20, 36, 52 at w 15) and of w (3.5, 7.5, 15 at skip 36); SDEdit
-at strengths 0.3, 0.5, 0.7 with w 7.5 and 15; and the paper's Sec. 3 combination, edit-friendly inversion +
-Prompt-to-Prompt (skip 36, w 15 and 7.5; xa 0.6, sa 0.2), with the authors' DDIM + P2P baseline (skip 0; xa 0.8, sa
-0.4) beside it. The edits are run and measured by efddpm.miniature.measure, as the
+inversion, DDIM inversion (skip 0 is the authors' DDIM baseline) and SDEdit: at the paper's defaults (T_skip 36 of
+100 steps, target guidance w 15), at the model's own default guidance W0 (world.MODEL_DEFAULTS, 3.5 for the shipped
+model), a sweep of T_skip (20, 36, 52 at W0) and of w (W0, 7.5, 15 at skip 36); SDEdit at strengths 0.3, 0.5, 0.7
+with W0 and 15; and the paper's Sec. 3 combination, edit-friendly inversion + Prompt-to-Prompt (skip 36, w W0, 7.5
+and 15; xa 0.6, sa 0.2), with the authors' DDIM + P2P baseline (skip 0; xa 0.8, sa 0.4) beside it. The edits are run and measured by efddpm.miniature.measure, as the
 embedded model's tests run and measure theirs: hit (target reached), kept (the other attribute), mask IoU, box IoU,
 shift (px) and bg kept, each against the input.
 
@@ -15,7 +15,7 @@ smaller than the shape's contrast with its background. Only then is the recolour
 the target caption nearest to the input; beyond it the nearest is a smaller shape, and a sampler that follows
 the target caption is pulled that way, whatever the inversion.
 
-    python benchmarks/edit_benchmark.py                  # 20 pictures, ~19 min on a 2-core CPU
+    python benchmarks/edit_benchmark.py                  # 20 pictures, ~25 min on a 2-core CPU
     python benchmarks/edit_benchmark.py --pictures 4 --out /tmp/bench      # a quick look
 
 Writes results.md (the table), results.json (every measurement), results.png (adherence vs structure)
@@ -39,22 +39,25 @@ from efddpm.miniature import world
 from efddpm.miniature.charts import line_chart
 from efddpm.miniature.measure import KINDS, METHODS, NUM_STEPS, EditSet, Setting
 
-SKIPS = (20, 36, 52)             # at w 15
-GUIDANCES = (3.5, 7.5, 15.0)     # at skip 36
+PAPER_GUIDANCE = 15.0
+W0 = world.MODEL_DEFAULTS["target_guidance"]   # the model's own default target guidance (the shipped file's: 3.5)
+SKIPS = (20, 36, 52)                           # at W0
+GUIDANCES = (W0, 7.5, PAPER_GUIDANCE)          # at skip 36
 SDEDIT_STRENGTHS = (0.3, 0.5, 0.7)
-SDEDIT_GUIDANCES = (7.5, 15.0)
+SDEDIT_GUIDANCES = (W0, PAPER_GUIDANCE)
 
 
 def settings() -> list[Setting]:
-    """The paper's default (skip 36, w 15) first, then the sweeps."""
+    """The paper's default (skip 36, w 15) first, then the model's default (skip 36, W0), then the sweeps."""
     out = []
     for method in METHODS[:3]:
-        out += [Setting(method, 36, 15.0)] + [Setting(method, k, 15.0) for k in SKIPS if k != 36] \
-            + [Setting(method, 36, w) for w in GUIDANCES if w != 15.0]
-    out.append(Setting("DDIM", 0, 15.0))        # the authors' DDIM baseline: all 100 steps
+        out += [Setting(method, 36, PAPER_GUIDANCE), Setting(method, 36, W0)] \
+            + [Setting(method, k, W0) for k in SKIPS if k != 36] \
+            + [Setting(method, 36, w) for w in GUIDANCES if w not in (W0, PAPER_GUIDANCE)]
+    out += [Setting("DDIM", 0, PAPER_GUIDANCE), Setting("DDIM", 0, W0)]   # the authors' DDIM baseline: all 100 steps
     out += [Setting("SDEdit", round(NUM_STEPS * (1 - s)), w) for w in SDEDIT_GUIDANCES for s in SDEDIT_STRENGTHS]
-    out += [Setting("edit-friendly+P2P", 36, w) for w in (15.0, 7.5)]          # the paper's Sec. 3 combination
-    out += [Setting("DDIM+P2P", 0, 15.0), Setting("DDIM+P2P", 0, 7.5), Setting("DDIM+P2P", 36, 7.5)]
+    out += [Setting("edit-friendly+P2P", 36, w) for w in GUIDANCES]          # the paper's Sec. 3 combination
+    out += [Setting("DDIM+P2P", 0, PAPER_GUIDANCE), Setting("DDIM+P2P", 0, W0), Setting("DDIM+P2P", 36, W0)]
     return out
 
 
@@ -111,11 +114,12 @@ def contrast_table(rows: dict[Setting, list[dict]], within: list[bool]) -> str:
 
 def plot(summary: dict[Setting, dict]) -> Image.Image:
     """Target reached vs structure kept. Columns: colour edits (x: mask IoU), shape edits (x: box IoU).
-    Rows: the guidance sweep at skip 36 (SDEdit: strengths at w 7.5), the T_skip sweep at w 15 (SDEdit:
-    strengths at w 15). One line per method, each point labelled with its setting."""
-    rows = (("target guidance (skip 36)", lambda s: s.skip == 36 if s.method != "SDEdit" else s.guidance == 7.5,
+    Rows: the guidance sweep at skip 36 (SDEdit: strengths at w 15), the T_skip sweep at W0 (SDEdit: strengths at
+    W0). One line per method, each point labelled with its setting."""
+    rows = (("target guidance (skip 36)",
+             lambda s: s.skip == 36 if s.method != "SDEdit" else s.guidance == PAPER_GUIDANCE,
              lambda s: f"w{s.guidance:g}" if s.method != "SDEdit" else f"s{s.strength:.1f}"),
-            ("T_skip (w 15)", lambda s: s.guidance == 15.0,
+            (f"T_skip (w {W0:g})", lambda s: s.guidance == W0 and not s.method.endswith("+P2P"),
              lambda s: f"{s.skip}" if s.method != "SDEdit" else f"s{s.strength:.1f}"))
     cols = (("colour", "colour_mask_iou", "mask IoU with the input"),
             ("shape", "shape_box_iou", "bounding-box IoU with the input"))
@@ -162,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--pictures", type=int, default=20)
+    ap.add_argument("--device", default="cpu", help="where the model runs (float32; the noise is drawn on the CPU, so "
+                    "the draws are the same everywhere)")
     ap.add_argument("--seed", type=int, default=0, help="held-out set, edit targets and inversion noise")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     pics = world.heldout_pictures(args.pictures, args.seed)
-    edits = EditSet(load(args.model), pics, seed=args.seed)
+    edits = EditSet(load(args.model, device=args.device), pics, seed=args.seed)
     outputs = run_edits(edits)
 
     within = [world.recolour_within_contrast(p, t) for p, t in zip(pics, edits.targets["colour"])]
@@ -189,8 +195,8 @@ def main(argv: list[str] | None = None) -> None:
          "summary": [{"method": s.method, "skip": s.skip, "guidance": s.guidance, **r} for s, r in summary.items()],
          "rows": rows}, indent=1))
     plot(summary).save(args.out / "results.png")
-    chosen = [Setting(m, 36, w) for w in (15.0, 7.5) for m in ("edit-friendly", "native", "DDIM")] \
-        + [Setting("SDEdit", 50, 7.5), Setting("edit-friendly+P2P", 36, 7.5), Setting("DDIM+P2P", 0, 7.5)]
+    chosen = [Setting(m, 36, w) for w in (PAPER_GUIDANCE, W0) for m in ("edit-friendly", "native", "DDIM")] \
+        + [Setting("SDEdit", 50, W0), Setting("edit-friendly+P2P", 36, W0), Setting("DDIM+P2P", 0, W0)]
     examples(pics, edits.images, outputs, chosen).save(args.out / "examples.png")
     print(md)
     print(f"wrote {args.out}/results.md, results.json, results.png, examples.png; {time.perf_counter() - started:.0f} s")
