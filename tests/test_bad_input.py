@@ -312,7 +312,7 @@ def test_a_batch_that_fails_midway_says_what_it_kept(tmp_path, capsys, picture, 
     code, err = run_cli(capsys, ["batch", listing, "--model", model, "--out", tmp_path / "out", "--seed", "0", *FAST])
     assert code == 2 and len(err) == 1 and "out of memory" in err[0], err
     assert "1 of 2 entries were finished and written" in err[0] and "nothing was written" not in err[0]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["red_1.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.jsonl", "red_1.png"]
 
 
 def test_a_colour_manipulation_on_a_guided_code_warns_on_the_command_line(tmp_path, capsys, picture):
@@ -352,8 +352,8 @@ def test_overwrite_is_all_or_nothing_too(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
 
 
-def test_interrupted_batch_says_what_was_kept_and_the_rerun_says_what_to_do(tmp_path, capsys, picture, model,
-                                                                             monkeypatch):
+def test_interrupted_batch_says_what_was_kept_and_the_rerun_finishes_it(tmp_path, capsys, picture, model,
+                                                                         monkeypatch):
     second = tmp_path / "blue.png"
     Image.open(picture).save(second)
     listing = tmp_path / "edits.json"
@@ -369,12 +369,16 @@ def test_interrupted_batch_says_what_was_kept_and_the_rerun_says_what_to_do(tmp_
     monkeypatch.setattr(Editor, "edit", edit_then_stop)
     out = tmp_path / "out"
     code, err = run_cli(capsys, ["batch", listing, "--model", model, "--out", out, "--seed", "0", *FAST])
-    assert code == 130 and err == ["efddpm: interrupted; 1 of 2 entries were finished and written; rerunning the "
-                                   "batch refuses their outputs unless --overwrite"]
-    assert sorted(p.name for p in out.iterdir()) == ["red_1.png"]
-    monkeypatch.setattr(Editor, "edit", real)
-    assert_refused(capsys, ["batch", listing, "--model", model, "--out", out, "--seed", "0", *FAST],
-                   "an earlier run of this batch may have finished these entries: pass --overwrite", tmp_path)
+    assert code == 130 and err == [f"efddpm: interrupted; 1 of 2 entries were finished and written (listed in "
+                                   f"{out / 'manifest.jsonl'}); rerun the same command to do the rest"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl", "red_1.png"]
+    rerun = []
+    monkeypatch.setattr(Editor, "edit", lambda self, *args, **kwargs: rerun.append(1) or real(self, *args, **kwargs))
+    first = (out / "red_1.png").read_bytes()
+    code, err = run_cli(capsys, ["batch", listing, "--model", model, "--out", out, "--seed", "0", *FAST])
+    assert code == 0 and err == [] and rerun == [1]   # the rerun does only what was left
+    assert sorted(p.name for p in out.iterdir()) == ["blue_1.png", "manifest.jsonl", "red_1.png"]
+    assert (out / "red_1.png").read_bytes() == first
 
 
 def test_interrupted_message_starts_its_own_line(tmp_path, capsys, picture, model, monkeypatch):

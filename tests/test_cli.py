@@ -106,8 +106,9 @@ def test_batch(tmp_path, model, picture, kind):
                            'targets = ["a blue square", "a red circle"]\n')
     r = efddpm("batch", listing, "--seed", "2", "--model", model, "--out", tmp_path / "out", *FAST)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["red_1.png", "red_2.png"]
-    assert metadata(tmp_path / "out" / "red_2.png")["target"] == "a red circle"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.jsonl", "red_1.png", "red_2.png"]
+    meta = metadata(tmp_path / "out" / "red_2.png")
+    assert meta["target"] == "a red circle" and (meta["item_id"], meta["run"]["seed"]) == ("red", 2)
 
 
 def test_long_prompt_warns_that_it_is_cut(tmp_path, model, picture, capsys):

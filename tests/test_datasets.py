@@ -58,7 +58,7 @@ def pie_bench(folder: Path, entries: dict | None = None) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------ the formats
 
 @pytest.mark.parametrize("kind", ["json", "toml"])
-def test_batch_lists_keep_their_keys_and_number_their_entries(tmp_path, kind):
+def test_batch_lists_keep_their_keys_and_name_their_entries_by_image(tmp_path, kind):
     red, blue = png(tmp_path / "pics" / "red.png"), png(tmp_path / "blue.png")
     path = tmp_path / f"edits.{kind}"
     if kind == "json":
@@ -70,8 +70,8 @@ def test_batch_lists_keep_their_keys_and_number_their_entries(tmp_path, kind):
                         'p2p = true\nxa = 0.5\nblend = ["red"]\n\n'
                         f'[[edit]]\nid = "blue-1"\nimage = "{blue}"\ntargets = ["c"]\n')
     assert read_dataset(path) == [
-        DatasetItem("1", tmp_path / "pics/red.png", "a red square", ["a", "b"], {"p2p": True, "xa": 0.5,
-                                                                                 "blend": ["red"]}),
+        DatasetItem("red", tmp_path / "pics/red.png", "a red square", ["a", "b"], {"p2p": True, "xa": 0.5,
+                                                                                   "blend": ["red"]}),
         DatasetItem("blue-1", blue, "", ["c"])]
     other = tmp_path / "elsewhere"
     png(other / "pics" / "red.png")
@@ -82,9 +82,10 @@ def test_batch_lists_keep_their_keys_and_number_their_entries(tmp_path, kind):
 def test_the_authors_yaml(tmp_path):
     items = read_dataset(authors_yaml(tmp_path))
     assert items == [
-        DatasetItem("1", tmp_path / "example_images/horse_mud.png", "a photo of a horse in the mud",
+        DatasetItem("horse_mud", tmp_path / "example_images/horse_mud.png", "a photo of a horse in the mud",
                      ["a photo of a horse in the snow", "a photo of a zebra in the mud"]),
-        DatasetItem("2", tmp_path / "example_images/cat.png", "", ["a photo of a dog"])]
+        DatasetItem("cat", tmp_path / "example_images/cat.png", "", ["a photo of a dog"])]
+    assert [item.entry for item in items] == ["entry 1", "entry 2"]   # messages name them by position
 
 
 def test_pie_bench_prompts_lose_their_brackets_and_keep_what_they_marked(tmp_path):
@@ -99,14 +100,17 @@ def test_pie_bench_prompts_lose_their_brackets_and_keep_what_they_marked(tmp_pat
     assert (second.pie.source_words, second.pie.edited_words, second.pie.blended_words) == (("a cat",), ("a dog",), ())
 
 
-def test_ids_are_stable_when_entries_are_added_after_them(tmp_path):
-    png(tmp_path / "a.png"), png(tmp_path / "b.png")
+def test_ids_are_stable_when_entries_are_added_before_them(tmp_path):
+    """An id is the entry's "id", else its image's file name: never its position."""
+    png(tmp_path / "a.png"), png(tmp_path / "b.png"), png(tmp_path / "c.png")
     path = tmp_path / "edits.json"
-    path.write_text(json.dumps([{"image": "a.png", "targets": ["x"]}, {"id": "b", "image": "b.png", "targets": ["y"]}]))
+    path.write_text(json.dumps([{"image": "a.png", "targets": ["x"]},
+                                {"id": "b2", "image": "b.png", "targets": ["y"]}]))
     before = [item.id for item in read_dataset(path)]
-    path.write_text(json.dumps([{"image": "a.png", "targets": ["x"]}, {"image": "b.png", "targets": ["z"]},
-                                {"id": "b", "image": "b.png", "targets": ["y"]}]))
-    assert before == ["1", "b"] and [item.id for item in read_dataset(path)] == ["1", "2", "b"]
+    path.write_text(json.dumps([{"image": "c.png", "targets": ["z"]}, {"image": "a.png", "targets": ["x"]},
+                                {"id": "b2", "image": "b.png", "targets": ["y"]},
+                                {"image": "b.png", "targets": ["w"]}]))
+    assert before == ["a", "b2"] and [item.id for item in read_dataset(path)] == ["c", "a", "b2", "b"]
 
 
 def test_the_api_names_image_root(tmp_path):
@@ -185,11 +189,13 @@ def metadata(path: Path) -> dict:
 def test_batch_runs_the_authors_yaml_and_pie_bench(tmp_path, model):
     fast = ["--model", str(model), *FAST]
     assert main(["batch", str(authors_yaml(tmp_path / "authors")), "--out", str(tmp_path / "a"), *fast]) == 0
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["cat_1.png", "horse_mud_1.png", "horse_mud_2.png"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["cat_1.png", "horse_mud_1.png", "horse_mud_2.png",
+                                                                  "manifest.jsonl"]
     assert metadata(tmp_path / "a" / "cat_1.png")["source"] == ""
     path, images = pie_bench(tmp_path / "pie")
     assert main(["batch", str(path), "--image-root", str(images), "--out", str(tmp_path / "p"), *fast]) == 0
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["000000000000_1.png", "111000000001_1.png"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["000000000000_1.png", "111000000001_1.png",
+                                                                  "manifest.jsonl"]
     settings = metadata(tmp_path / "p" / "111000000001_1.png")
     assert (settings["source"], settings["target"]) == ("a cat on a bench", "a dog on a bench")
 
@@ -261,8 +267,22 @@ BAD_FILES = {   # name -> (make(tmp) -> the file, extra arguments, words of the 
     "PIE-Bench prompt of brackets only": (lambda t: write_pie(t, "000000000000", editing_prompt="[ ]"), IMAGES,
                                           ": entry '000000000000': editing_prompt is empty"),
     "duplicate id": (lambda t: write_list(t, [{"id": "2", "image": "red.png", "targets": ["a"]},
-                                              {"image": "red.png", "targets": ["b"]}]), [],
+                                              {"id": "2", "image": "red.png", "targets": ["b"]}]), [],
                      ": entry 2 repeats the id '2' of entry 1; ids must be unique"),
+    "two images of one file name, no ids": (lambda t: png(t / "sub" / "red.png") and write_list(
+                                                t, [{"image": "red.png", "targets": ["a"]},
+                                                    {"image": "sub/red.png", "targets": ["b"]}]), [],
+                                            ": entry 2 repeats the id 'red' of entry 1; an entry without an \"id\" is "
+                                            "named by its image's file name: give these entries distinct \"id\"s"),
+    "an id taken by another entry's image name": (lambda t: write_list(t, [{"image": "red.png", "targets": ["a"]},
+                                                                           {"id": "red", "image": "red.png",
+                                                                            "targets": ["b"]}]), [],
+                                                  ": entry 2 repeats the id 'red' of entry 1; an entry without"),
+    "image file name that is no id": (lambda t: png(t / "my red.png") and write_list(
+                                          t, [{"image": "red.png", "targets": ["a"]},
+                                              {"image": "my red.png", "targets": ["b"]}]), [],
+                                      ": entry 2: an entry without an \"id\" is named by its image's file name, and "
+                                      "'my red' is not an id"),
     "duplicate PIE-Bench id": (with_repeated_key, IMAGES, ": the key '1' is given twice in one object"),
     "id of the wrong type": (lambda t: write_list(t, [{"id": 7, "image": "red.png", "targets": ["a"]}]), [],
                              ": entry 1: the id must be a string of letters, digits"),

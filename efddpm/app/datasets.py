@@ -7,10 +7,11 @@
     .json, a dict   PIE-Bench's mapping_file.json (PnPInversion's data/): id -> {image_path, original_prompt,
                     editing_prompt, ...}; its images lie in another folder, given as image_root
 
-Ids are stable and unique in a file: later steps derive per-item seeds from them and split the items among GPUs.
-A list entry's id is its "id" key, else its position (1, 2, ...); give every entry an id to keep them when the
-list changes. A PIE-Bench entry's id is its key. Ids are letters, digits, '.', '_' and '-', starting with a letter
-or a digit.
+Ids are stable and unique in a file: an item's outputs are named <id>_<k>.png, its seed is derived from the run's
+seed and its id, and its id picks its shard (efddpm.app.dataset_run). An entry of a batch list or of the authors'
+YAML is named by its "id" key, else by its image's file name without the suffix (cat.png: "cat"); two entries
+without an "id" whose images share a file name are refused (give them ids). A PIE-Bench entry's id is its key.
+Ids are letters, digits, '.', '_' and '-', starting with a letter or a digit.
 
 Image paths are relative to the root: image_root if given, else the file's folder. A batch list is the user's own:
 its paths may also be absolute or lead out of the root, as always. The datasets (YAML, PIE-Bench) come from
@@ -62,11 +63,13 @@ class DatasetItem:
     targets: list[str]                  # one or more target prompts, none blank
     options: dict = field(default_factory=dict)   # a list entry's own keys of ENTRY_OPTIONS, as written
     pie: PieAnnotation | None = None    # PIE-Bench's annotation
+    entry: str = field(default="", compare=False)   # how messages name it: "entry 3" (its position) or, where the
+                                                    # file gives the id, "entry 'blue-1'" (entry_name)
 
 
 def entry_name(index: int, item_id: str | None = None) -> str:
-    """How errors name an entry: by its position (1, 2, ...), or by its id where that is not the position."""
-    return f"entry {index}" if item_id is None or item_id == str(index) else f"entry {item_id!r}"
+    """How errors name an entry: by the id the file gives it, else by its position (1, 2, ...)."""
+    return f"entry {index}" if item_id is None else f"entry {item_id!r}"
 
 
 def read_dataset(path: str | Path, *, image_root: str | Path | None = None,
@@ -92,8 +95,11 @@ def read_dataset(path: str | Path, *, image_root: str | Path | None = None,
     first = {}
     for index, item in enumerate(items, 1):
         if item.id in first:
-            raise InputError(f"batch file {path}: {entry_name(index, item.id)} repeats the id {item.id!r} of "
-                             f"entry {first[item.id]}; ids must be unique")
+            other = first[item.id]
+            by_image = item.entry == entry_name(index) or items[other - 1].entry == entry_name(other)
+            raise InputError(f"batch file {path}: entry {index} repeats the id {item.id!r} of entry {other}; "
+                             + ("an entry without an \"id\" is named by its image's file name: give these entries "
+                                "distinct \"id\"s" if by_image else "ids must be unique"))
         first[item.id] = index
     return items
 
@@ -167,14 +173,14 @@ def list_item(path: Path, root: Path, index: int, e) -> DatasetItem:
     if (not isinstance(e, dict) or not isinstance(e.get("image"), str) or not isinstance(e.get("source", ""), str)
             or not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets)):
         raise InputError(f"{where} must be {{\"image\": str, \"source\": str, \"targets\": [str, ...]}}")
-    item_id = given_id(e, index, where)
-    where = f"batch file {path}: {entry_name(index, item_id)}"
+    item_id, entry = item_name(e, e["image"], index, where)
+    where = f"batch file {path}: {entry}"
     if "p2p" in e and not isinstance(e["p2p"], bool):
         raise InputError(f"{where}: p2p must be true or false, got {shown(e['p2p'])}")
     image = root / e["image"]
     check_image(image, where)
     return DatasetItem(item_id, image, prompt(e.get("source", ""), "source", where, may_be_empty=True),
-                       prompts(targets, "targets", where), {k: e[k] for k in ENTRY_OPTIONS if k in e})
+                       prompts(targets, "targets", where), {k: e[k] for k in ENTRY_OPTIONS if k in e}, entry=entry)
 
 
 def yaml_item(path: Path, root: Path, index: int, e) -> DatasetItem:
@@ -187,13 +193,13 @@ def yaml_item(path: Path, root: Path, index: int, e) -> DatasetItem:
     for key in ("init_img", "target_prompts"):
         if key not in e:
             raise InputError(f"{where} lacks {key}")
-    item_id = given_id(e, index, where)
-    where = f"batch file {path}: {entry_name(index, item_id)}"
     if not isinstance(e["init_img"], str) or not e["init_img"].strip("/"):
         raise InputError(f"{where}: init_img must be a path, got {shown(e['init_img'])}")
+    item_id, entry = item_name(e, e["init_img"], index, where)
+    where = f"batch file {path}: {entry}"
     image = inside(root, e["init_img"].lstrip("/"), where)
     return DatasetItem(item_id, image, prompt(e.get("source_prompt", ""), "source_prompt", where, may_be_empty=True),
-                       prompts(e["target_prompts"], "target_prompts", where))
+                       prompts(e["target_prompts"], "target_prompts", where), entry=entry)
 
 
 def pie_item(path: Path, root: Path, index: int, key: str, e) -> DatasetItem:
@@ -217,16 +223,23 @@ def pie_item(path: Path, root: Path, index: int, key: str, e) -> DatasetItem:
         edited_words=tuple(BRACKETED.findall(e["editing_prompt"])),
         blended_words=tuple(e["blended_word"].split(" ")) if e["blended_word"] else (),
         mask_rle=run_lengths(e["mask"], f"{where}: mask"))
-    return DatasetItem(key, inside(root, e["image_path"], where), source, [target], pie=annotation)
+    return DatasetItem(key, inside(root, e["image_path"], where), source, [target], pie=annotation,
+                       entry=entry_name(index, key))
 
 
 # ------------------------------------------------------------------------------------------------ the checks
 
-def given_id(e: dict, index: int, where: str) -> str:
-    """A list entry's "id", else its position."""
-    if "id" not in e:
-        return str(index)
-    return check_id(e["id"], where)
+def item_name(e: dict, image: str, index: int, where: str) -> tuple[str, str]:
+    """A list or YAML entry's id (its "id", else its image's file name without the suffix) and how messages name
+    it (entry_name: by the id the file gives, else by position)."""
+    if "id" in e:
+        return check_id(e["id"], where), entry_name(index, e["id"])
+    stem = Path(image).stem
+    if not ID_PATTERN.fullmatch(stem):
+        raise InputError(f"{where}: an entry without an \"id\" is named by its image's file name, and {stem!r} is "
+                         "not an id (letters, digits, '.', '_' and '-', starting with a letter or a digit); give "
+                         "the entry an \"id\"")
+    return stem, entry_name(index)
 
 
 def check_id(value, where: str) -> str:

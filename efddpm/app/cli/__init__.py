@@ -11,7 +11,10 @@ Every command runs the same sequence (runner.run): check the numbers, read and c
 outputs' names, load the model, check what needs the model (picture size, shift range), warn about long prompts,
 work, then write every output all or nothing (efddpm.core.atomic). A bad input ends the command with one line on
 stderr and exit code 2, and nothing is written. PNGs carry every setting in their text metadata (key "efddpm",
-JSON), so any result can be reproduced.
+JSON), so any result can be reproduced. `batch` is a dataset run (efddpm.app.dataset_run): the same checks first,
+then its items one at a time, each item's PNGs all or nothing and listed in a manifest (manifest.jsonl) that a
+rerun resumes from; an item that fails is recorded and the others go on (exit code 1 at the end); `--shard I/N`
+or torchrun split the items among processes.
 
     parser.py    the arguments
     inputs.py    the checks before any model is loaded: numbers, input files, output names
@@ -23,7 +26,7 @@ import warnings
 
 import torch
 
-from efddpm.app.cli.commands import COMMANDS
+from efddpm.app.cli.commands import COMMANDS, batch
 from efddpm.app.cli.parser import DEFAULT_DEVICE, build_parser
 from efddpm.app.cli.runner import run
 from efddpm.app.editor import SettingWarning
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             for ours in (LargeImageWarning, SettingWarning):
                 warnings.simplefilter("always", ours)
             warnings.showwarning = warn_once(set())
+            if args.command == "batch":
+                return batch(args)
             run(COMMANDS[args.command], args)
     except (InputError, CheckpointError, OutputError) as e:
         print(f"efddpm: error: {e}", file=sys.stderr)

@@ -1,18 +1,25 @@
 """The subcommands. Each checks its settings, reads and checks its inputs, and returns the Plan of the rest
-(its outputs' names, its prompts, its work); efddpm.app.cli.runner.run performs it in the order all share."""
+(its outputs' names, its prompts, its work); efddpm.app.cli.runner.run performs it in the order all share.
+batch is a dataset run instead (efddpm.app.dataset_run), and returns its exit status."""
+import os
 from pathlib import Path
 
-from efddpm.app.cli.inputs import (check_p2p_flags, check_settings, p2p_settings, parse_colour, read_batch,
-                                   read_code, read_mask, read_noise, seeds_for)
+from efddpm.app.cli.inputs import (check_images, check_output_folder, check_p2p_flags, check_settings, p2p_settings,
+                                   parse_colour, read_code, read_mask, read_noise, seeds_for)
 from efddpm.app.cli.parser import UsageError
-from efddpm.app.cli.runner import Output, Plan, Progress, note
-from efddpm.app.datasets import entry_name
-from efddpm.app.images import grid, load_image, open_image, to_pil
+from efddpm.app.cli.runner import (Output, Plan, Progress, load_editor, model_dtype, note, png_text,
+                                   warn_long_prompts)
+from efddpm.app.dataset_run import DatasetRun, Group, shard_device, shard_from
+from efddpm.app.datasets import read_dataset
+from efddpm.app.embedded import DEFAULT_MODEL
+from efddpm.app.images import grid, load_image, open_image, png_writer, to_pil
 from efddpm.core import checks
 from efddpm.method.defaults import default_colour_range, default_skip
 from efddpm.method.p2p import P2P, mode
 
 TILE_KEYS = ("target", "cfg_tgt", "seed", "inversion", "p2p")   # the settings of an edit that differ between tiles
+RUN_KEYS = ("steps", "skip", "cfg_src", "cfg_tgt", "eta", "size", "p2p", "xa", "sa", "p2p_window", "blend", "reweight")
+# batch: the flags that make its pictures, with the model, device type and dtype, make a dataset run's settings
 
 
 def output_names(out: Path, stem: str, n_targets: int, seeds: list[int]) -> list[Path]:
@@ -32,11 +39,13 @@ def p2p_record(p2p: P2P | None, steps: int, skip: int, source: str, target: str)
 
 
 def edit_one(args, editor, image, source: str, targets: list[str], guidances: list[float], seeds: list[int],
-             out: Path, stem: str, *, with_grid: bool = False, noise=None, p2p: P2P | None = None) -> list[Output]:
+             out: Path, stem: str, *, with_grid: bool = False, noise=None, p2p: P2P | None = None,
+             chatty: bool = True) -> list[Output]:
     """Invert `image` once per seed, edit it with every target (with Prompt-to-Prompt when p2p is given): the PNGs
-    (and the grid)."""
+    (and the grid). chatty: a progress bar over its steps and a note of the resize (batch: off, its run has a bar
+    of its own)."""
     edits, inversions = [], []
-    with Progress(len(seeds) * 2 * (args.steps - args.skip), args.quiet) as progress:
+    with Progress(len(seeds) * 2 * (args.steps - args.skip), args.quiet or not chatty) as progress:
         for seed in seeds:   # inversion and edit: steps - skip network calls each
             code = editor.invert(image, source, steps=args.steps, guidance=args.cfg_src, eta=args.eta,
                                  seed=None if noise is not None else seed, noise=noise, size=args.size,
@@ -49,7 +58,8 @@ def edit_one(args, editor, image, source: str, targets: list[str], guidances: li
                                         eta=args.eta, seed=code.settings["seed"], size=int(img.width),
                                         **p2p_record(p2p, args.steps, args.skip, source, target),
                                         inversion=code.settings)))
-    note(args, f"{image}: {code.settings['image']}")
+    if chatty:
+        note(args, f"{image}: {code.settings['image']}")
     outputs = [Output(name, img, settings)
                for name, (img, settings) in zip(output_names(out, stem, len(targets), seeds), edits)]
     if with_grid:
@@ -181,30 +191,36 @@ def recolor(args) -> Plan:
                       settings=dict(mask=str(args.mask), color=args.color, t_range=list(step_range)))
 
 
-def batch(args) -> Plan:
-    """Each entry's PNGs are written all or nothing when the entry is done; finished entries stay if a later one
-    fails or the run is interrupted."""
+def batch(args) -> int:
+    """A dataset run (efddpm.app.dataset_run): items one at a time, each item's PNGs written all or nothing and
+    then listed in the manifest; a rerun resumes. Returns the exit status: 1 when an item failed."""
     check_settings(args)
-    items = read_batch(args.file, args.image_root)
-    p2ps = [p2p_settings(args, item.source, item.targets, item.options,
-                         f"batch file {args.file}: {entry_name(index, item.id)}: ")
-            for index, item in enumerate(items, 1)]
-    out, seed = Path(args.out), seeds_for(args)[0]
+    shard = shard_from(args.shard, os.environ)
+    args.device = shard_device(args.device, shard)
+    args.quiet = args.quiet or shard.quiet
+    items = read_dataset(args.file, image_root=args.image_root, image_root_name="--image-root")
+    p2ps = {item.id: p2p_settings(args, item.source, item.targets, item.options, f"batch file {args.file}: "
+                                  f"{item.entry}: ") for item in items}
+    out = Path(args.out)
+    check_output_folder(out)
+    device = checks.device(args.device, "--device")
+    settings = {"model": args.model or str(DEFAULT_MODEL), "device": device.type, "dtype": model_dtype(args, device),
+                **{key: getattr(args, key) for key in RUN_KEYS}}
+    run = DatasetRun.prepare(out, items, settings, args.seed, shard, args.overwrite)
+    check_images(args.file, run.todo)
+    with Group(shard, device) as group:
+        editor = load_editor(args) if run.todo else None
+        if editor is not None:
+            warn_long_prompts(editor, [p for item in run.todo for p in (item.source, *item.targets)])
 
-    def work(editor):
-        guidances = [target_guidances(args.cfg_tgt, editor, len(item.targets)) for item in items]
-        for item, g, p2p in zip(items, guidances, p2ps):
-            yield edit_one(args, editor, item.image, item.source, item.targets, g, [seed], out, item.image.stem,
-                           p2p=p2p)
-    return Plan(folder=out, work=work,
-                names=[name for item in items
-                       for name in output_names(out, item.image.stem, len(item.targets), [seed])],
-                prompts=[p for item in items for p in (item.source, *item.targets)],
-                hint="an earlier run of this batch may have finished these entries: pass --overwrite to redo them, "
-                     "or remove the finished entries from the batch file",
-                interrupted=lambda done: f"{done} of {len(items)} entries were finished and written; rerunning "
-                                         "the batch refuses their outputs unless --overwrite")
+        def make(item, seed: int) -> list:
+            guidances = target_guidances(args.cfg_tgt, editor, len(item.targets))
+            outputs = edit_one(args, editor, item.image, item.source, item.targets, guidances, [seed], out, item.id,
+                               p2p=p2ps[item.id], chatty=False)
+            extra = {"item_id": item.id, "run": {**run.settings, "seed": run.seed},
+                     "device": editor.device.type}   # not its index: a rank's PNG is the unsharded run's, byte for byte
+            return [png_writer(o.result, png_text(args, editor, {**o.settings, **extra})) for o in outputs]
+        return run.run(group, make, args.quiet)
 
 
-COMMANDS = {"edit": edit, "invert": invert, "regenerate": regenerate, "shift": shift, "recolor": recolor,
-            "batch": batch}
+COMMANDS = {"edit": edit, "invert": invert, "regenerate": regenerate, "shift": shift, "recolor": recolor}

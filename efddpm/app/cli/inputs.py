@@ -11,7 +11,7 @@ from PIL import Image
 
 from efddpm.app import prompt_to_prompt
 from efddpm.app.cli.parser import UsageError
-from efddpm.app.datasets import ENTRY_OPTIONS, DatasetItem, entry_name, read_dataset
+from efddpm.app.datasets import ENTRY_OPTIONS, DatasetItem
 from efddpm.app.images import ImageError, load_mask, open_image
 from efddpm.core import checks
 from efddpm.method.defaults import default_skip
@@ -91,7 +91,7 @@ def check_output_folder(folder: Path) -> None:
         raise UsageError(f"output folder {folder} is not writable ({e.strerror})") from None
 
 
-def check_new_files(paths: list[Path], *, overwrite: bool, hint: str = "") -> None:
+def check_new_files(paths: list[Path], *, overwrite: bool) -> None:
     """Refuse names that are folders, or exist without --overwrite; one line for all of them."""
     existing = [p for p in paths if p.exists() and not p.is_dir()]
     for p in paths:
@@ -99,7 +99,7 @@ def check_new_files(paths: list[Path], *, overwrite: bool, hint: str = "") -> No
             raise UsageError(f"output {p} is a folder")
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise UsageError(f"output exists: {existing[0]}{more}; {hint or 'pass --overwrite to replace'}")
+        raise UsageError(f"output exists: {existing[0]}{more}; pass --overwrite to replace")
 
 
 def read_mask(path: str, image: Image.Image) -> Image.Image:
@@ -155,16 +155,10 @@ def read_code(path: str) -> LatentCode:
     return LatentCode.load(path)   # checks every tensor and setting; InputError names what is wrong
 
 
-def read_batch(path: str, image_root: str | None) -> list[DatasetItem]:
-    """`efddpm batch FILE [--image-root DIR]`: the items of FILE (efddpm.app.datasets reads every format), each
-    image decoded, no two outputs of the same name; errors name the file and the entry."""
-    items = read_dataset(path, image_root=image_root, image_root_name="--image-root")
-    stems = [item.image.stem for item in items]
-    if len(set(stems)) != len(stems):
-        raise UsageError(f"batch file {path}: two images share a file name, their outputs would collide")
-    for index, item in enumerate(items, 1):
+def check_images(path: str, items: list[DatasetItem]) -> None:
+    """`efddpm batch FILE`: each image of `items` decodes; errors name the file and the entry."""
+    for item in items:
         try:
             open_image(item.image)
         except ImageError as e:
-            raise ImageError(f"batch file {path}: {entry_name(index, item.id)}: {e}") from None
-    return items
+            raise ImageError(f"batch file {path}: {item.entry}: {e}") from None

@@ -35,13 +35,14 @@ def build_parser() -> Parser:
         p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
 
     def inversion_flags(p, with_source=True, with_noise=False, cfg_src=SOURCE_GUIDANCE,
-                        cfg_src_help="source guidance (default: %(default)s)"):
+                        cfg_src_help="source guidance (default: %(default)s)",
+                        seed_help="default: drawn at random and recorded in the outputs"):
         if with_source:
             p.add_argument("--source", default="", help='source prompt ("" = no guidance term during inversion)')
         p.add_argument("--steps", type=int, default=STEPS, help="sampling steps N (default: %(default)s)")
         p.add_argument("--cfg-src", type=float, default=cfg_src, help=cfg_src_help)
         p.add_argument("--eta", type=float, default=ETA, help="DDPM eta, in (0, 1] (default: %(default)s)")
-        p.add_argument("--seed", type=int, help="default: drawn at random and recorded in the outputs")
+        p.add_argument("--seed", type=int, help=seed_help)
         p.add_argument("--size", type=int, help="picture side in pixels (default: the model's, 512 for SD1.x)")
         if with_noise:
             p.add_argument("--noise", help="the inversion's eps~ draws instead of a seed: a .safetensors file with one "
@@ -122,7 +123,15 @@ def build_parser() -> Parser:
                                 "target_prompts; needs PyYAML); or PIE-Bench's mapping_file.json (with --image-root)")
     p.add_argument("--image-root", metavar="DIR", help="the folder that image paths are relative to (default: the "
                                                        "file's; PIE-Bench: its annotation_images, required)")
-    inversion_flags(p, with_source=False), p2p_flags(p), model_flags(p), output_flags(p, "edited PNGs")
+    inversion_flags(p, with_source=False, seed_help="the run seed; each item's seed is derived from it and the "
+                    "item's id (default: the one the manifest in --out records, else drawn at random and recorded)")
+    p2p_flags(p), model_flags(p)
+    p.add_argument("--out", default=".", help="folder for the edited PNGs (<id>_<k>.png) and manifest.jsonl, created "
+                                              "if missing; a rerun resumes there (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="start over: forget earlier manifests of --out and "
+                                                            "replace every output")
     p.add_argument("--cfg-tgt", type=float, help="target guidance (default: the model's, else the paper's 15)")
     p.add_argument("--skip", type=int, help="T_skip (default: 36 of 100, scaled to --steps)")
+    p.add_argument("--shard", metavar="I/N", help="run only shard I of N (0 <= I < N), chosen by the items' ids; "
+                                                  "under torchrun the rank and world size choose it")
     return parser

@@ -1,4 +1,5 @@
-"""The sequence every subcommand follows, written once: run(command, args).
+"""The sequence every subcommand but batch follows, written once: run(command, args). (batch, a dataset run of
+many items that records each one and may resume, has its own: efddpm.app.dataset_run.)
 
     1. check the settings, read and check the inputs        command(args), which returns the Plan of the rest
     2. check the output names                               before any model is loaded
@@ -22,9 +23,8 @@ from efddpm.app.cli.inputs import check_new_files, check_output_folder
 from efddpm.app.cli.parser import DTYPES, UsageError
 from efddpm.app.embedded import DEFAULT_MODEL
 from efddpm.app.images import png_writer
-from efddpm.checkpoint import CheckpointError
 from efddpm.core import checks
-from efddpm.core.atomic import OutputError, Outputs
+from efddpm.core.atomic import Outputs
 from efddpm.core.checks import InputError
 from efddpm.method.latent_code import LatentCode
 
@@ -46,38 +46,28 @@ class Plan:
     work: Callable[..., Iterable[list[Output]]]   # work(editor) yields groups of outputs, each written all or nothing
     model: str | None = None       # the model to load (regenerate: --model, else its code's); None: --model
     check: Callable | None = None  # check(editor): checks and defaults that need the model, before any work
-    hint: str = ""                 # what to do about existing outputs (default: pass --overwrite)
-    interrupted: Callable[[int], str] | None = None   # what to say when interrupted after n groups were written
-                                                      # (None: main says nothing was written)
 
 
 def run(command: Callable[..., Plan], args) -> None:
     """Perform a subcommand: command(args) checks its settings and inputs and returns its Plan."""
     plan = command(args)
     check_output_folder(plan.folder)
-    check_new_files(plan.names, overwrite=args.overwrite, hint=plan.hint)
+    check_new_files(plan.names, overwrite=args.overwrite)
     editor = load_editor(args, plan.model)
     if plan.check is not None:
         plan.check(editor)
-    for message in editor.prompt_warnings(plan.prompts):
-        print(f"efddpm: warning: {message}", file=sys.stderr)
-    written = 0
-    kept = lambda: plan.interrupted(written) if plan.interrupted is not None and written else "nothing was written"
+    warn_long_prompts(editor, plan.prompts)
     try:
         for outputs in plan.work(editor):
             write(args, editor, outputs)
-            written += 1
-    except KeyboardInterrupt:
-        if plan.interrupted is None:
-            raise
-        raise KeyboardInterrupt(plan.interrupted(written)) from None
     except (MemoryError, torch.OutOfMemoryError) as e:
         raise InputError(f"out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); try a smaller "
-                         f"--size or another --device; {kept()}") from None
-    except (InputError, CheckpointError, OutputError) as e:
-        if plan.interrupted is None or not written:
-            raise
-        raise type(e)(f"{e}; {kept()}") from None   # what the earlier groups wrote stays
+                         f"--size or another --device; nothing was written") from None
+
+
+def warn_long_prompts(editor, prompts: list[str]) -> None:
+    for message in editor.prompt_warnings(prompts):
+        print(f"efddpm: warning: {message}", file=sys.stderr)
 
 
 def load_editor(args, model: str | None = None):
@@ -88,7 +78,7 @@ def load_editor(args, model: str | None = None):
         raise UsageError(f"no --model given and the embedded model {DEFAULT_MODEL} is missing (a checkout has it in "
                          "weights/, pip install . in <prefix>/share/efddpm/weights); pass --model")
     device = checks.device(args.device, "--device")
-    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    dtype_name = model_dtype(args, device)
     if dtype_name == "float16" and device.type == "cpu":
         raise UsageError("--dtype float16 needs a CUDA device (use float32 or bfloat16 on the CPU)")
     if not args.quiet and not (model or args.model):
@@ -98,6 +88,11 @@ def load_editor(args, model: str | None = None):
     if getattr(args, "size", None) is not None:
         args.size = editor.check_size(args.size, "--size", samples=2 * max(1, len(getattr(args, "target", None) or [1])))
     return editor
+
+
+def model_dtype(args, device: torch.device) -> str:
+    """--dtype, else float16 on CUDA and float32 elsewhere."""
+    return args.dtype or ("float16" if device.type == "cuda" else "float32")
 
 
 class Progress:
@@ -130,19 +125,23 @@ def record(args, editor, settings: dict) -> dict:
             "device": str(editor.device), "model_dtype": str(editor.dtype).removeprefix("torch."), **settings}
 
 
+def png_text(args, editor, settings: dict) -> dict[str, str]:
+    """A PNG's text chunks: record() of its settings as the "efddpm" chunk (JSON, NaN and inf refused), and
+    "Software"."""
+    return {"efddpm": json.dumps(record(args, editor, settings), allow_nan=False), "Software": f"efddpm {VERSION}"}
+
+
 def write(args, editor, outputs: list[Output]) -> None:
-    """Write `outputs` all or nothing, each with record() of its settings: in a PNG as the "efddpm" text chunk
-    (JSON, NaN and inf refused), in a latent code under "cli", beside the code's own settings."""
+    """Write `outputs` all or nothing, each with record() of its settings: in a PNG as its text (png_text), in a
+    latent code under "cli", beside the code's own settings."""
     staged = Outputs(args.overwrite)
     try:
         for output in outputs:
-            metadata = record(args, editor, output.settings)
             if isinstance(output.result, LatentCode):
-                output.result.settings["cli"] = metadata
+                output.result.settings["cli"] = record(args, editor, output.settings)
                 staged.write(output.path, output.result.write)
             else:
-                staged.write(output.path, png_writer(output.result, {
-                    "efddpm": json.dumps(metadata, allow_nan=False), "Software": f"efddpm {VERSION}"}))
+                staged.write(output.path, png_writer(output.result, png_text(args, editor, output.settings)))
         for path in staged.commit():
             note(args, f"wrote {path}")
     except BaseException:
