@@ -90,6 +90,19 @@ def test_exact_reconstruction_of_a_held_out_picture(model):
     assert err <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def heldout(model):
+    """The 8 held-out pictures, inverted once (w_src 3.5, seed 0), and a memo of their measured edits at skip 36 and
+    the model's target guidance: rows(method, kind) -> one dict per picture (efddpm.miniature.measure)."""
+    edits, memo = EditSet(model, world.heldout_pictures(N_PICTURES)), {}
+
+    def rows(method: str, kind: str) -> list[dict]:
+        if (method, kind) not in memo:
+            memo[method, kind] = edits.measure(edits.run(Setting(method, 36, TARGET_GUIDANCE), kind), kind)
+        return memo[method, kind]
+    return rows
+
+
 def colour_edits(model, pics: list) -> tuple[list[bool], list[float]]:
     """Edit-friendly colour edits (w_src 3.5, skip 36 of 100, inversion seed 0, the model's target guidance), batched:
     (target colour reached, mask IoU with the input) per picture."""
@@ -98,9 +111,10 @@ def colour_edits(model, pics: list) -> tuple[list[bool], list[float]]:
     return [r["hit"] for r in rows], [r["mask_iou"] for r in rows]
 
 
-def test_colour_edits_reach_the_target_and_keep_the_shape(model):
+def test_colour_edits_reach_the_target_and_keep_the_shape(heldout):
     pics = world.heldout_pictures(N_PICTURES)
-    hits, ious = colour_edits(model, pics)
+    rows = heldout("edit-friendly", "colour")
+    hits, ious = [r["hit"] for r in rows], [r["mask_iou"] for r in rows]
     assert sum(hits) >= MIN_HITS, (hits, ious)
     assert np.mean(ious) >= MIN_MEAN_IOU and sum(v >= 0.5 for v in ious) >= MIN_GOOD, ious
     # the shapes that moved away (IoU < 0.3) are all edits beyond contrast
@@ -114,21 +128,18 @@ def test_colour_edits_within_contrast_keep_the_shape_in_place(model):
     assert np.mean(ious) >= MIN_MEAN_IOU_WITHIN and min(ious) >= MIN_IOU_WITHIN, ious
 
 
-def test_shape_edits_reach_the_target_and_keep_colour_and_background(model):
-    edits = EditSet(model, world.heldout_pictures(N_PICTURES))
-    rows = edits.measure(edits.run(Setting("edit-friendly", 36, TARGET_GUIDANCE), "shape"), "shape")
+def test_shape_edits_reach_the_target_and_keep_colour_and_background(heldout):
+    rows = heldout("edit-friendly", "shape")
     assert sum(r["hit"] for r in rows) >= MIN_SHAPE_HITS and sum(r["kept"] for r in rows) >= MIN_SHAPE_KEPT, rows
     bg = [r["bg_kept"] for r in rows]
     assert np.mean(bg) >= MIN_MEAN_BG_KEPT and min(bg) >= MIN_BG_KEPT, bg
 
 
-def test_prompt_to_prompt_keeps_the_shape_better_than_the_plain_edit(model):
+def test_prompt_to_prompt_keeps_the_shape_better_than_the_plain_edit(heldout):
     """Edit-friendly inversion + Prompt-to-Prompt (the paper's Sec. 3; xa 0.6, sa 0.2 of all steps) against the plain
     edit, same codes, colour edits of the 8 held-out pictures at skip 36, the model's w: P2P injects the source's attention
     maps, so the shape stays where it was (mask IoU up) while the colour still changes."""
-    edits = EditSet(model, world.heldout_pictures(N_PICTURES))
-    plain, p2p = (edits.measure(edits.run(Setting(method, 36, TARGET_GUIDANCE), "colour"), "colour")
-                  for method in ("edit-friendly", "edit-friendly+P2P"))
+    plain, p2p = heldout("edit-friendly", "colour"), heldout("edit-friendly+P2P", "colour")
     iou_plain, iou_p2p = (np.mean([r["mask_iou"] for r in rows]) for rows in (plain, p2p))
     assert sum(r["hit"] for r in p2p) >= P2P_MIN_HITS, p2p
     assert iou_p2p >= P2P_MIN_MEAN_IOU and iou_p2p - iou_plain >= P2P_MIN_GAIN, (iou_plain, iou_p2p)
