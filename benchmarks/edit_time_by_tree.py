@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+# speed.py's job, restated against the API every tree since the fast path has (speed.py's efddpm_edit passes p2p=,
+# which older trees' Editor.edit does not take), and run with the tree's efddpm first on sys.path.
 ONE_PROCESS = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])

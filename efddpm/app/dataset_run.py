@@ -45,7 +45,7 @@ from efddpm.app.datasets import DatasetItem
 from efddpm.app.manifest import MANIFEST, Appender, Record, manifest_files, merge, part_name, read_records, \
     sha256, verified
 from efddpm.core.atomic import OutputError, Outputs
-from efddpm.core.checks import MAX_SEED, InputError
+from efddpm.core.checks import MAX_SEED, InputError, out_of_memory
 from efddpm.core.version import VERSION
 
 WAIT = timedelta(days=7)   # how long the end barrier waits for the slowest rank
@@ -286,8 +286,7 @@ class DatasetRun:
         except KeyboardInterrupt:
             raise KeyboardInterrupt(self.kept(finished)) from None
         except (MemoryError, torch.OutOfMemoryError) as e:
-            raise InputError(f"out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); try a smaller "
-                             f"--size or another --device; {self.kept(finished)}") from None
+            raise out_of_memory(e, self.kept(finished)) from None
         except OutputError as e:
             raise OutputError(f"{e}; {self.kept(finished)}") from None
         finally:

@@ -21,6 +21,12 @@ class InputError(ValueError):
     """A bad input to efddpm: the message is one line naming the setting and what is allowed."""
 
 
+def out_of_memory(e: BaseException, kept: str = "nothing was written") -> InputError:
+    """The one-line error for running out of memory (MemoryError, torch.OutOfMemoryError), saying what was kept."""
+    first = str(e).splitlines()[0] if str(e) else "MemoryError"
+    return InputError(f"out of memory ({first}); try a smaller --size or another --device; {kept}")
+
+
 def number(name: str, value, *, low: float | None = None, high: float | None = None) -> float:
     """A finite real number in [low, high] (bools are refused: True is not a guidance)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -33,6 +33,7 @@ from efddpm.app.editor import SettingWarning
 from efddpm.app.images import LargeImageWarning
 from efddpm.checkpoint import CheckpointError
 from efddpm.core.atomic import OutputError
+from efddpm.core import checks
 from efddpm.core.checks import InputError
 
 __all__ = ["DEFAULT_DEVICE", "build_parser", "main"]
@@ -63,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"efddpm: error: {e}", file=sys.stderr)
         return 2
     except (MemoryError, torch.OutOfMemoryError) as e:
-        print(f"efddpm: error: out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); try a smaller "
-              "--size or another --device; nothing was written", file=sys.stderr)
+        print(f"efddpm: error: {checks.out_of_memory(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"efddpm: interrupted; {str(e) or 'nothing was written'}", file=sys.stderr)

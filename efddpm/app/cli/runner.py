@@ -25,7 +25,6 @@ from efddpm.app.embedded import DEFAULT_MODEL
 from efddpm.app.images import png_writer
 from efddpm.core import checks
 from efddpm.core.atomic import Outputs
-from efddpm.core.checks import InputError
 from efddpm.method.latent_code import LatentCode
 
 
@@ -61,8 +60,7 @@ def run(command: Callable[..., Plan], args) -> None:
         for outputs in plan.work(editor):
             write(args, editor, outputs)
     except (MemoryError, torch.OutOfMemoryError) as e:
-        raise InputError(f"out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); try a smaller "
-                         f"--size or another --device; nothing was written") from None
+        raise checks.out_of_memory(e) from None
 
 
 def warn_long_prompts(editor, prompts: list[str]) -> None:
