@@ -104,3 +104,50 @@ def test_prompt_to_prompt_on_the_fast_path():
     assert off <= 1e-3
     assert p2p_gain >= 0.1
     assert cross <= 1e-2
+
+
+def edit_jobs(n: int, guidance: float):
+    """Colour edits of n held-out pictures, a seed each (efddpm.app.batched jobs)."""
+    from efddpm.app.batched import Job
+    return [Job(world.render(p), p.caption, [world.edit_targets(p)[0].caption], [guidance], 10 + i)
+            for i, p in enumerate(world.heldout_pictures(n, seed=5))]
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not present")
+def test_batched_engine_on_the_fast_path():
+    """fp16 on the fast path (half-precision inversion batched over timesteps, CUDA graphs): one job per batch is
+    the sequential edit bit for bit; eight jobs in one batch within 8/255 of it (fp16 sums in another order at
+    another batch size; a row paired with another job's noise is tens of levels away)."""
+    import numpy as np
+    from efddpm.app.batched import Settings, edit_batch
+    editor = Editor.from_pretrained(str(DEFAULT_MODEL), device="cuda", dtype=torch.float16)
+    jobs, settings = edit_jobs(8, editor.target_guidance), Settings(100, 3.5, 1.0, 36)
+    alone = []
+    for job in jobs:
+        code = editor.invert(job.image, job.source, steps=100, guidance=3.5, seed=job.seed, skip=36)
+        sequential = np.asarray(editor.edit(code, job.targets, guidance=job.guidances, skip=36)[0])
+        (one,) = edit_batch(editor, [job], settings)
+        assert np.array_equal(np.asarray(one.images[0]), sequential) and one.inversion == code.settings
+        alone.append(sequential.astype(int))
+    together = edit_batch(editor, jobs, settings)
+    worst = max(np.abs(np.asarray(r.images[0]) - a).max() for r, a in zip(together, alone))
+    print(f"K = 8 vs sequential, fp16: max pixel difference {worst}")
+    assert worst <= 8
+    assert np.abs(alone[0] - alone[1]).max() > 40
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not present")
+def test_prompt_to_prompt_with_a_compiled_unet():
+    """torch.compile'd UNet with a controller set (dynamo guards on it and breaks the graph around the controller's
+    calls): the P2P edit equals the eager one within 1e-2 (inductor reorders reductions), and the plain edit too."""
+    noise = torch.randn(100, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    eager = Editor.from_pretrained(str(DEFAULT_MODEL), device="cuda")
+    reference = p2p_edits(eager, noise)
+    torch._dynamo.reset()
+    eager.models.unet = torch.compile(eager.models.unet)
+    eager.graphed_unet = None
+    compiled = p2p_edits(eager, noise)
+    errors = {name: (compiled[name] - reference[name]).abs().max().item() for name in reference}
+    print(f"compiled vs eager, max abs image difference: {errors}")
+    assert max(errors.values()) <= 1e-2
+    assert (compiled["p2p"] - compiled["plain"]).abs().max() >= 0.1

@@ -251,11 +251,11 @@ class DatasetRun:
     def outputs_todo(self) -> int:
         return sum(len(item.targets) for item in self.todo)
 
-    def run(self, group: Group, make: Callable, quiet: bool) -> int:
-        """Do the items to do: make(item, item_seed) -> a PNG writer per target (efddpm.app.images.png_writer),
-        written all or nothing as output_path(id, k), then their lines.
-        An InputError while making an item is recorded and the run goes on. Returns the exit status: 1 when an
-        item failed, else 0."""
+    def run(self, group: Group, make: Callable, batches: Callable, quiet: bool) -> int:
+        """Do the items to do, in the batches that batches(todo) forms: make(items, item_seeds) -> for each item a
+        PNG writer per target (efddpm.app.images.png_writer), or the InputError that stopped it; each item's PNGs
+        written all or nothing as output_path(id, k), then their lines. A failed item is recorded and the run goes
+        on. Returns the exit status: 1 when an item failed, else 0."""
         started = time.perf_counter()
         self.seed = group.agree(self.seed if self.seed is not None else secrets.randbelow(2**31))
         settings = {**self.settings, "seed": self.seed}
@@ -272,12 +272,12 @@ class DatasetRun:
                          f"{len(self.items)} items") + f", {len(self.mine) - len(self.todo)} done earlier, "
                  f"{len(self.todo)} to do (run seed {self.seed})")
             with progress(self.outputs_todo, quiet, shard) as bar:
-                for item in self.todo:
-                    error = self.do(item, settings, make, book)
-                    if error is not None:
-                        bar.write(f"efddpm: {item.entry or item.id} failed: {error}", file=sys.stderr)
-                    failed, finished = failed + (error is not None), finished + (error is None)
-                    bar.update(len(item.targets))
+                for items in batches(self.todo):
+                    for item, error in zip(items, self.do(items, settings, make, book)):
+                        if error is not None:
+                            bar.write(f"efddpm: {item.entry or item.id} failed: {error}", file=sys.stderr)
+                        failed, finished = failed + (error is not None), finished + (error is None)
+                    bar.update(sum(len(item.targets) for item in items))
             if self.shard.count > 1:
                 book.append({"kind": "summary", "settings": settings, "shard": shard, "items": len(self.mine),
                              "done": len(self.mine) - failed, "failed": failed, "missing": 0,
@@ -314,24 +314,31 @@ class DatasetRun:
         return (f"{len(self.mine) - len(self.todo) + finished} of {len(self.mine)} entries were finished and written "
                 f"(listed in {self.folder / self.shard.manifest}); rerun the same command to do the rest")
 
-    def do(self, item: DatasetItem, settings: dict, make: Callable, book: Appender) -> str | None:
-        """One item: its PNGs in place, then their lines. Returns the error when it failed (recorded), else None."""
-        started, seed = time.perf_counter(), item_seed(self.seed, item.id)
+    def do(self, items: list[DatasetItem], settings: dict, make: Callable, book: Appender) -> list[str | None]:
+        """One batch: each item's PNGs in place, then their lines; its error (recorded) or None, item by item.
+        "seconds" is the item's share of the batch's time; "batch" the number of items made together."""
+        started, seeds = time.perf_counter(), [item_seed(self.seed, item.id) for item in items]
         try:
-            made = make(item, seed)
-        except InputError as e:
-            book.append({"kind": "failed", "id": item.id, **inputs(item), "item_seed": seed, "error": str(e),
-                         "seconds": round(time.perf_counter() - started, 3), "settings": settings})
-            return str(e)
-        paths = [output_path(self.folder, item.id, k) for k in range(1, len(item.targets) + 1)]
-        with Outputs(overwrite=self.overwrite or item.id in self.replace) as staged:
-            for path, writer in zip(paths, made, strict=True):
-                staged.write(path, writer)
-        seconds = round(time.perf_counter() - started, 3)
-        book.append(*({"kind": "output", "id": item.id, "k": k, **inputs(item, target), "item_seed": seed,
-                       "output": path.name, "sha256": sha256(path), "seconds": seconds, "settings": settings}
-                      for k, (path, target) in enumerate(zip(paths, item.targets), 1)))
-        return None
+            made = make(items, seeds)
+        except InputError as e:          # the batch as a whole: every item of it fails with the same error
+            made = [e] * len(items)
+        seconds = round((time.perf_counter() - started) / len(items), 3)
+        errors = []
+        for item, seed, result in zip(items, seeds, made, strict=True):
+            common = {"item_seed": seed, "seconds": seconds, "batch": len(items), "settings": settings}
+            if isinstance(result, InputError):
+                book.append({"kind": "failed", "id": item.id, **inputs(item), "error": str(result), **common})
+                errors.append(str(result))
+                continue
+            paths = [output_path(self.folder, item.id, k) for k in range(1, len(item.targets) + 1)]
+            with Outputs(overwrite=self.overwrite or item.id in self.replace) as staged:
+                for path, writer in zip(paths, result, strict=True):
+                    staged.write(path, writer)
+            book.append(*({"kind": "output", "id": item.id, "k": k, **inputs(item, target), "output": path.name,
+                           "sha256": sha256(path), **common}
+                          for k, (path, target) in enumerate(zip(paths, item.targets), 1)))
+            errors.append(None)
+        return errors
 
     def remove_temporaries(self) -> None:
         """What a killed process left of the outputs to do: efddpm.core.atomic's temporary files .NAME.*.tmp and

@@ -59,6 +59,10 @@ def _guidance_list(value, n: int) -> list[float] | float:
     return checks.guidances(value, n)[0] if not isinstance(value, (list, tuple)) else checks.guidances(value, n)
 
 
+NOT_FINITE = ("the result holds NaN or infinite values (a guidance or strength too large for this model and dtype?); "
+              "nothing was written")
+
+
 class PromptWarning(UserWarning):
     """A prompt longer than the text encoder reads (75 tokens): it is cut."""
 
@@ -187,8 +191,7 @@ class Editor:
 
     def check_output(self, latents: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(latents).all()):
-            raise InputError("the result holds NaN or infinite values (a guidance or strength too large for this "
-                             "model and dtype?); nothing was written")
+            raise InputError(NOT_FINITE)
         return latents
 
     # ------------------------------------------------------------------ the networks, as the method needs them
@@ -216,7 +219,12 @@ class Editor:
         in the method's dtype (float32, float64 for a float64 editor), and a line saying how the image was
         cropped and resized (efddpm.app.images)."""
         pixels, note = load_image(image, self.check_size(size))              # [1, 3, size, size] in [-1, 1]
-        return encode_pictures(self.models.vae, pixels, dtype=self.dtype), note
+        return self.encode_pictures(pixels), note
+
+    @torch.inference_mode()
+    def encode_pictures(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pictures [B, 3, H, W] in [-1, 1] -> x_0 [B, 4, H/f, W/f] in the method's dtype (efddpm.app.networks)."""
+        return encode_pictures(self.models.vae, pixels, dtype=self.dtype)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,11 @@
 One JSON object a line; "kind" says which:
     run      a process begins work         settings, shard, efddpm_version
     output   an output is in place         id, k, image, source, target, options (the entry's own P2P keys),
-                                           item_seed, output (its name in the folder), sha256, seconds (the item's:
-                                           its inversion and all its edits), settings
-    failed   an item failed, nothing of    id, image, source, targets, options, item_seed, error (one line),
-             it was written                seconds, settings
+                                           output (its name in the folder), sha256, item_seed, seconds (the item's
+                                           share of its batch's time: inversions and edits), batch (items made
+                                           together), settings
+    failed   an item failed, nothing of    id, image, source, targets, options, error (one line), item_seed,
+             it was written                seconds, batch, settings
     summary  a process finished            settings, shard, items, done, failed, missing, outputs, seconds
 Every line carries the run's settings (the flags that make the pictures, and the run seed), so one line read alone
 says what made it. An item's lines are appended in one write, flushed and synced, only after its PNGs are in place.

@@ -190,6 +190,32 @@ class PromptToPrompt:
         return x
 
 
+
+class Grouped:
+    """Several P2P controllers on one regeneration, each on its own consecutive rows of the conditional half (the
+    jobs of a batch, efddpm.app.batched): [source_1, targets_1..., source_2, targets_2..., ...]. A layer computes its
+    probabilities explicitly when any controller wants them; the others get theirs back unchanged."""
+
+    def __init__(self, controls: Sequence[PromptToPrompt]):
+        self.controls = list(controls)
+        self.rows = sum(c.rows for c in self.controls)
+        self.asked: list[bool] = []
+
+    def wants(self, site, queries: int, keys: int) -> bool:
+        self.asked = [c.wants(site, queries, keys) for c in self.controls]   # every controller counts the call
+        return any(self.asked)
+
+    def __call__(self, site, probs: Tensor) -> Tensor:
+        """probs [B, heads, N, keys]: the last `rows` rows are the conditional half, group after group."""
+        groups = probs[-self.rows:].split([c.rows for c in self.controls])      # [rows_g, heads, N, keys] each
+        cond = [c(site, own) if asked else own for c, asked, own in zip(self.controls, self.asked, groups)]
+        return torch.cat([probs[:-self.rows], *cond])
+
+    def step_callback(self, n: int, x: Tensor) -> Tensor:
+        """x [rows, ...]: each group's step callback on its own rows."""
+        return torch.cat([c.step_callback(n, own) for c, own in zip(self.controls, x.split([c.rows for c in
+                                                                                            self.controls]))])
+
 def p2p_edit(f: NoisePredictor, code: LatentCode, source_cond: Tensor, target_conds: Tensor, uncond: Tensor,
              source_guidance: float | None, target_guidance: float | Sequence[float], *, control: PromptToPrompt,
              skip: int, **options) -> Tensor:

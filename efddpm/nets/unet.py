@@ -71,6 +71,19 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + self.out_layers(h)
 
 
+@torch.compiler.disable
+def ask(control: AttentionControl, site: AttentionSite, queries: int, keys: int) -> bool:
+    """control.wants(...), never traced by torch.compile: a controller's state (its step counter) would otherwise
+    become a guard of the compiled UNet and recompile it at every step."""
+    return bool(control.wants(site, queries, keys))
+
+
+@torch.compiler.disable
+def hand_over(control: AttentionControl, site: AttentionSite, probs: torch.Tensor) -> torch.Tensor:
+    """control(site, probs): the probabilities read or replaced, outside torch.compile's graphs (as ask)."""
+    return control(site, probs)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of x [B, N, dim] over context [B, M, context_dim] (self-attention if None).
 
@@ -92,10 +105,10 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B, heads, N, C/heads]
         k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # [B, heads, M, C/heads]
         v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)
-        if self.control is None or not self.control.wants(self.site, N, context.shape[1]):
+        if self.control is None or not ask(self.control, self.site, N, context.shape[1]):
             out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, C/heads], probabilities never formed
         else:
-            probs = self.control(self.site, attention_probabilities(q, k))  # [B, heads, N, M], read or replaced
+            probs = hand_over(self.control, self.site, attention_probabilities(q, k))  # [B, heads, N, M]
             out = probs.to(v.dtype) @ v  # [B, heads, N, C/heads]
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from efddpm.app.cli.inputs import (check_images, check_output_folder, check_p2p_flags, check_settings, p2p_settings,
                                    parse_colour, read_code, read_mask, read_noise, seeds_for)
+from efddpm.app import batched
 from efddpm.app.cli.parser import UsageError
 from efddpm.app.cli.runner import (Output, Plan, Progress, load_editor, model_dtype, note, png_text,
                                    warn_long_prompts)
@@ -14,11 +15,13 @@ from efddpm.app.datasets import read_dataset
 from efddpm.app.embedded import DEFAULT_MODEL
 from efddpm.app.images import grid, load_image, open_image, png_writer, to_pil
 from efddpm.core import checks
+from efddpm.core.checks import InputError
 from efddpm.method.defaults import default_colour_range, default_skip
 from efddpm.method.p2p import P2P, mode
 
 TILE_KEYS = ("target", "cfg_tgt", "seed", "inversion", "p2p")   # the settings of an edit that differ between tiles
-RUN_KEYS = ("steps", "skip", "cfg_src", "cfg_tgt", "eta", "size", "p2p", "xa", "sa", "p2p_window", "blend", "reweight")
+RUN_KEYS = ("steps", "skip", "cfg_src", "cfg_tgt", "eta", "size", "p2p", "xa", "sa", "p2p_window", "blend", "reweight",
+            "batch_size")
 # batch: the flags that make its pictures, with the model, device type and dtype, make a dataset run's settings
 
 
@@ -38,6 +41,13 @@ def p2p_record(p2p: P2P | None, steps: int, skip: int, source: str, target: str)
     return {} if p2p is None else {"p2p": {**p2p.settings(steps, skip), "mode": mode(source, target)}}
 
 
+def edit_record(args, image, source: str, target: str, guidance: float, inversion: dict, img, p2p: P2P | None) -> dict:
+    """The settings an edited PNG records (efddpm.app.cli.runner.record adds the model's)."""
+    return dict(image=str(image), resize=inversion["image"], source=source, target=target, cfg_src=args.cfg_src,
+                cfg_tgt=guidance, steps=args.steps, skip=args.skip, eta=args.eta, seed=inversion["seed"],
+                size=int(img.width), **p2p_record(p2p, args.steps, args.skip, source, target), inversion=inversion)
+
+
 def edit_one(args, editor, image, source: str, targets: list[str], guidances: list[float], seeds: list[int],
              out: Path, stem: str, *, with_grid: bool = False, noise=None, p2p: P2P | None = None,
              chatty: bool = True) -> list[Output]:
@@ -53,11 +63,7 @@ def edit_one(args, editor, image, source: str, targets: list[str], guidances: li
             images = editor.edit(code, targets, guidance=guidances, skip=args.skip, progress=progress, p2p=p2p)
             inversions.append(code.settings)
             for target, guidance, img in zip(targets, guidances, images):
-                edits.append((img, dict(image=str(image), resize=code.settings["image"], source=source, target=target,
-                                        cfg_src=args.cfg_src, cfg_tgt=guidance, steps=args.steps, skip=args.skip,
-                                        eta=args.eta, seed=code.settings["seed"], size=int(img.width),
-                                        **p2p_record(p2p, args.steps, args.skip, source, target),
-                                        inversion=code.settings)))
+                edits.append((img, edit_record(args, image, source, target, guidance, code.settings, img, p2p)))
     if chatty:
         note(args, f"{image}: {code.settings['image']}")
     outputs = [Output(name, img, settings)
@@ -192,8 +198,9 @@ def recolor(args) -> Plan:
 
 
 def batch(args) -> int:
-    """A dataset run (efddpm.app.dataset_run): items one at a time, each item's PNGs written all or nothing and
-    then listed in the manifest; a rerun resumes. Returns the exit status: 1 when an item failed."""
+    """A dataset run (efddpm.app.dataset_run) through the batched engine (efddpm.app.batched): --batch-size items
+    inverted and edited together, each item's PNGs written all or nothing and then listed in the manifest; a rerun
+    resumes. Returns the exit status: 1 when an item failed."""
     check_settings(args)
     shard = shard_from(args.shard, os.environ)
     args.device = shard_device(args.device, shard)
@@ -204,6 +211,9 @@ def batch(args) -> int:
     out = Path(args.out)
     check_output_folder(out)
     device = checks.device(args.device, "--device")
+    if args.batch_size is None:
+        args.batch_size = batched.default_batch_size(device)
+    checks.integer("--batch-size", args.batch_size, low=1, high=4096)
     settings = {"model": args.model or str(DEFAULT_MODEL), "device": device.type, "dtype": model_dtype(args, device),
                 **{key: getattr(args, key) for key in RUN_KEYS}}
     run = DatasetRun.prepare(out, items, settings, args.seed, shard, args.overwrite)
@@ -212,15 +222,28 @@ def batch(args) -> int:
         editor = load_editor(args) if run.todo else None
         if editor is not None:
             warn_long_prompts(editor, [p for item in run.todo for p in (item.source, *item.targets)])
+        common = batched.Settings(args.steps, args.cfg_src, args.eta, args.skip, args.size)
 
-        def make(item, seed: int) -> list:
-            guidances = target_guidances(args.cfg_tgt, editor, len(item.targets))
-            outputs = edit_one(args, editor, item.image, item.source, item.targets, guidances, [seed], out, item.id,
-                               p2p=p2ps[item.id], chatty=False)
+        def job(item, seed: int) -> batched.Job:
+            return batched.Job(item.image, item.source, item.targets,
+                               target_guidances(args.cfg_tgt, editor, len(item.targets)), seed,
+                               batched.plain(p2ps[item.id], args.steps, args.skip))
+
+        def make(items, seeds: list[int]) -> list:
+            results = batched.edit_batch(editor, [job(item, seed) for item, seed in zip(items, seeds)], common)
+            return [result if isinstance(result, InputError) else writers(item, job(item, seed), result)
+                    for item, seed, result in zip(items, seeds, results)]
+
+        def writers(item, job: batched.Job, result: batched.Edited) -> list:
             extra = {"item_id": item.id, "run": {**run.settings, "seed": run.seed},
                      "device": editor.device.type}   # not its index: a rank's PNG is the unsharded run's, byte for byte
-            return [png_writer(o.result, png_text(args, editor, {**o.settings, **extra})) for o in outputs]
-        return run.run(group, make, args.quiet)
+            return [png_writer(img, png_text(args, editor, {
+                **edit_record(args, item.image, job.source, target, guidance, result.inversion, img, p2ps[item.id]),
+                **extra})) for target, guidance, img in zip(job.targets, job.guidances, result.images)]
+
+        def batches(todo):
+            return batched.batches(todo, args.batch_size, lambda item: batched.kind(job(item, 0)))
+        return run.run(group, make, batches, args.quiet)
 
 
 COMMANDS = {"edit": edit, "invert": invert, "regenerate": regenerate, "shift": shift, "recolor": recolor}

@@ -132,6 +132,9 @@ def build_parser() -> Parser:
                                                             "replace every output")
     p.add_argument("--cfg-tgt", type=float, help="target guidance (default: the model's, else the paper's 15)")
     p.add_argument("--skip", type=int, help="T_skip (default: 36 of 100, scaled to --steps)")
+    p.add_argument("--batch-size", type=int, metavar="K", help="items inverted and edited together (default: 16 on "
+                   "CUDA, 1 on the CPU); K = 1 gives each item the bytes of `efddpm edit`, K > 1 the same edits up to "
+                   "rounding, at a higher throughput")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (0 <= I < N), chosen by the items' ids; "
                                                   "under torchrun the rank and world size choose it")
     return parser
