@@ -1,4 +1,9 @@
-"""A dataset run (`efddpm batch`): a dataset's items edited one at a time, resumable, and shardable over processes.
+"""A dataset run (`efddpm batch`): a dataset's items edited in batches (efddpm.app.batched), resumable, and shardable
+over processes.
+
+Batches. The items to do, in the file's order, go in batches of at most --batch-size of one kind (efddpm.app.batched.
+kind); a batch's items are written and listed one by one once the batch is made, so a killed process loses at most
+the batch in flight.
 
 Seeds. The run seed is --seed; without it a rerun takes the one its manifest records (efddpm.app.manifest), and a
 new run draws one at random (rank 0's under torchrun). Each item draws its noise from its own seed:
