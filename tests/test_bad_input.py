@@ -301,14 +301,15 @@ def test_a_batch_that_fails_midway_says_what_it_kept(tmp_path, capsys, picture, 
     Image.open(picture).save(second)
     listing = tmp_path / "edits.json"
     listing.write_text(json.dumps([{"image": str(picture), "targets": ["a"]}, {"image": str(second), "targets": ["b"]}]))
-    calls, real = [], Editor.edit
+    import efddpm.app.batched as batched
+    calls, real = [], batched.edit_batch
 
-    def edit_then_fail(self, *args, **kwargs):
+    def edit_then_fail(*args, **kwargs):     # the second batch (of one item: the CPU's default size)
         calls.append(1)
         if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(Editor, "edit", edit_then_fail)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(batched, "edit_batch", edit_then_fail)
     code, err = run_cli(capsys, ["batch", listing, "--model", model, "--out", tmp_path / "out", "--seed", "0", *FAST])
     assert code == 2 and len(err) == 1 and "out of memory" in err[0], err
     assert "1 of 2 entries were finished and written" in err[0] and "nothing was written" not in err[0]
@@ -358,22 +359,22 @@ def test_interrupted_batch_says_what_was_kept_and_the_rerun_finishes_it(tmp_path
     Image.open(picture).save(second)
     listing = tmp_path / "edits.json"
     listing.write_text(json.dumps([{"image": str(picture), "targets": ["a"]}, {"image": str(second), "targets": ["b"]}]))
-    calls = []
-    real = Editor.edit
+    import efddpm.app.batched as batched
+    calls, real = [], batched.edit_batch
 
-    def edit_then_stop(self, *args, **kwargs):
+    def edit_then_stop(*args, **kwargs):     # the second batch (of one item: the CPU's default size)
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(Editor, "edit", edit_then_stop)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(batched, "edit_batch", edit_then_stop)
     out = tmp_path / "out"
     code, err = run_cli(capsys, ["batch", listing, "--model", model, "--out", out, "--seed", "0", *FAST])
     assert code == 130 and err == [f"efddpm: interrupted; 1 of 2 entries were finished and written (listed in "
                                    f"{out / 'manifest.jsonl'}); rerun the same command to do the rest"]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl", "red_1.png"]
     rerun = []
-    monkeypatch.setattr(Editor, "edit", lambda self, *args, **kwargs: rerun.append(1) or real(self, *args, **kwargs))
+    monkeypatch.setattr(batched, "edit_batch", lambda *args, **kwargs: rerun.append(1) or real(*args, **kwargs))
     first = (out / "red_1.png").read_bytes()
     code, err = run_cli(capsys, ["batch", listing, "--model", model, "--out", out, "--seed", "0", *FAST])
     assert code == 0 and err == [] and rerun == [1]   # the rerun does only what was left

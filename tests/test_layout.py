@@ -5,7 +5,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "efddpm"
 # bottom to top; a module may import its own layer and the ones before it
-LAYERS = ["core", "nets", "method", "checkpoint", "app", "miniature"]
+LAYERS = ["core", "nets", "method", "checkpoint", "app", "eval", "miniature"]
 MAX_LINES = 420
 
 

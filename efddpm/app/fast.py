@@ -11,8 +11,8 @@ At batch 2 an SD1.x UNet step is bound by the host launching ~1,000 kernels, not
 - float32 networks on CUDA run without TF32 (exact_float32), so the float32 reconstruction stays exact.
 
 Attention control (Prompt-to-Prompt, efddpm.nets.attention_control) keeps channels_last and torch.compile (which
-guards on the controller being unset and traces or breaks around a set one) but not the graphs: GraphedUNet runs the
-UNet eagerly while a controller is set.
+guards on the controller being unset and breaks the graph around a set one's calls) but not the graphs: GraphedUNet
+runs the UNet eagerly while a controller is set.
 
 Nothing here changes a formula; tests/test_fast_path.py checks the batched inversion against the literal
 Algorithm 1 on the CPU, benchmarks/speed.py measures it on a GPU.

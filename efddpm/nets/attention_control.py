@@ -16,7 +16,9 @@ knows nothing of diffusion steps: one UNet call is one step of a sampler, and wh
 controller which step it is (efddpm.method.p2p counts them in its step callback).
 
 Cost. Without a controller: none (one `is None` test per layer; torch.compile guards on it, a CUDA graph never sees
-it). With one: a call of `wants` per layer and call, and explicit probabilities only where it answers yes.
+it). With one: a call of `wants` per layer and call, and explicit probabilities only where it answers yes. Under
+torch.compile the controller's two calls run outside the compiled graphs (efddpm.nets.unet.ask and hand_over): the
+graph breaks around them, and a controller's state (a step counter) never becomes a guard that recompiles the UNet.
 """
 from __future__ import annotations
 
