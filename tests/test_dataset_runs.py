@@ -270,7 +270,7 @@ def test_torchrun_with_two_cpu_processes_equals_the_unsharded_run(tmp_path, caps
     assert batch(capsys, path, tmp_path / "whole", model, "--seed", "4")[0] == 0
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "efddpm", "batch", str(path), "--model", str(model), "--out", str(out), "--seed", "4",
+                        "--monitor-interval", "0.1", "-m", "efddpm", "batch", str(path), "--model", str(model), "--out", str(out), "--seed", "4",
                         "--device", "cpu", *FAST], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert files(out) == sorted([*pngs(tmp_path / "whole"), "manifest.jsonl"])   # the parts are merged away
