@@ -21,8 +21,7 @@ the job alone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
@@ -30,11 +29,11 @@ from PIL import Image
 
 from efddpm.app import prompt_to_prompt
 from efddpm.app.editor import NOT_FINITE
-from efddpm.app.fast import SATURATING_BATCH, extract_noise_batched, inversion_chunk
+from efddpm.app.fast import SATURATING_BATCH
 from efddpm.app.images import load_image, to_pil
 from efddpm.core import checks
 from efddpm.core.checks import InputError
-from efddpm.method.inversion import edit_friendly_inversion, extract_noise, regenerate
+from efddpm.method.inversion import regenerate
 from efddpm.method.latent_code import LatentCode
 from efddpm.method.network import draw_noise
 from efddpm.method.p2p import P2P, Grouped, PromptToPrompt
@@ -98,8 +97,8 @@ def batches(items: Iterable[Item], size: int, key: Callable[[Item], object]) -> 
 
 
 def plain(p2p: P2P | None, steps: int, skip: int) -> P2P | None:
-    """None when P2P would inject nothing (no step in either window, no blend): Editor.edit runs those plainly."""
-    return None if p2p is None or (p2p.steps(steps, skip) == (0, 0) and not p2p.blend) else p2p
+    """None when P2P would inject nothing (P2P.injects): Editor.edit runs those plainly."""
+    return p2p if p2p is not None and p2p.injects(steps, skip) else None
 
 
 @torch.inference_mode()
@@ -112,18 +111,18 @@ def edit_batch(editor, jobs: list[Job], settings: Settings) -> list[Edited | Inp
     steps = checks.steps(settings.steps, max_steps())
     settings = Settings(steps, settings.source_guidance, checks.inversion_eta(settings.eta),
                         checks.skip(settings.skip, steps), editor.check_size(settings.size))
-    loaded, results = {}, {}
+    checked, loaded, results = {}, {}, {}
     for i, job in enumerate(jobs):
         try:
-            editor.prompt_list(job.targets, "targets")
-            checks.guidances(job.guidances, len(job.targets))
+            checked[i] = replace(job, targets=editor.prompt_list(job.targets, "targets"),
+                                 guidances=checks.guidances(job.guidances, len(job.targets)))
             loaded[i] = load_image(job.image, settings.size)                     # [1, 3, size, size], a note
         except InputError as e:
             results[i] = e
     if loaded:
-        ok = list(loaded)
-        codes = invert(editor, [jobs[i] for i in ok], [loaded[i] for i in ok], settings)
-        results.update(zip(ok, regenerate_rows(editor, [jobs[i] for i in ok], codes, settings)))
+        ok = [checked[i] for i in loaded]
+        codes = invert(editor, ok, list(loaded.values()), settings)
+        results.update(zip(loaded, regenerate_rows(editor, ok, codes, settings)))
     return [results[i] for i in range(len(jobs))]
 
 
@@ -132,20 +131,16 @@ def invert(editor, jobs: list[Job], pictures: list[tuple[torch.Tensor, str]], se
     its settings those Editor.invert gives."""
     steps, skip = settings.steps, settings.skip
     x0 = editor.encode_pictures(torch.cat([pixels for pixels, _ in pictures]))  # [K, 4, h, w]
-    k, device = x0.shape[0], editor.device
+    device = editor.device
     noise = torch.cat([draw_noise((steps, 1, *x0.shape[1:]), torch.Generator(device).manual_seed(job.seed),
                                   x0.dtype, device) for job in jobs], dim=1)      # eps~, [N, K, 4, h, w]
     uncond = editor.encode_prompts("")                                           # [1, 77, d]
     guided = bool(jobs[0].source)                                                # "": no guidance term
     cond = torch.cat([editor.encode_prompts(job.source) for job in jobs]) if guided else None   # [K, 77, d]
     guidance = checks.guidance(settings.source_guidance) if guided else None
-    chunk = inversion_chunk(x0, steps - skip, k * (2 if guided else 1), editor.dtype) if editor.fast else 1
-    extract = extract_noise if chunk == 1 else partial(extract_noise_batched, chunk=chunk)
-    batch = edit_friendly_inversion(
-        editor.noise_predictor(graphed=chunk == 1), x0, cond, uncond, guidance, num_steps=steps, eta=settings.eta,
-        noise=noise, skip=skip, extract=extract,
-        meta={"source_prompt": "", "model": editor.models.source, "image": "",
-              "model_dtype": str(editor.dtype).removeprefix("torch."), "chunk": chunk})
+    batch = editor.run_inversion(x0, cond, uncond, guidance, steps=steps, eta=settings.eta, skip=skip,
+                                 chunk=editor.inversion_chunk(x0, steps - skip, guided), noise=noise,
+                                 source_prompt="", note="")                      # each job's own, below
     return [LatentCode(batch.x_T[i:i + 1], batch.zs[:, i:i + 1], batch.xts[:, i:i + 1], batch.timesteps,
                        {**batch.settings, "noise": "generator", "seed": job.seed, "source_prompt": job.source,
                         "image": note})                                          # keys in Editor.invert's order
@@ -160,15 +155,16 @@ def regenerate_rows(editor, jobs: list[Job], codes: list[LatentCode], settings: 
     if any((p is not None) != with_source for p in p2ps):
         raise InputError("a batch holds jobs whose Prompt-to-Prompt injects something, or jobs whose does not")
     uncond = editor.encode_prompts("")                                           # [1, 77, d]
-    rows, conds, guidances = [], [], []
+    rows, own, conds, guidances = [], [], [], []          # own: each job's target rows
     for i, (job, code) in enumerate(zip(jobs, codes)):   # the encodings Editor.edit makes, job by job
         if with_source:
             rows.append(i)
             conds.append(editor.encode_prompts(job.source) if job.source else uncond)
             guidances.append(0.0 if code.settings["guidance"] is None else float(code.settings["guidance"]))
+        own.append(range(len(rows), len(rows) + len(job.targets)))
         rows += [i] * len(job.targets)
         conds.append(editor.encode_prompts(job.targets))
-        guidances += checks.guidances(job.guidances, len(job.targets))
+        guidances += job.guidances
     index = torch.tensor(rows, device=editor.device)
     stacked = LatentCode(*(torch.cat([getattr(c, name) for c in codes], dim=dim).index_select(dim, index)
                            for name, dim in (("x_T", 0), ("zs", 1), ("xts", 1))),
@@ -186,7 +182,6 @@ def regenerate_rows(editor, jobs: list[Job], codes: list[LatentCode], settings: 
     else:
         latents = regenerate(f, stacked, torch.cat(conds), uncond, guidances, skip=skip)   # [R, 4, h, w]
     finite = torch.isfinite(latents).flatten(1).all(1).tolist()                  # [R]
-    own = [[r for r, row in enumerate(rows) if row == i][1 if with_source else 0:] for i in range(len(jobs))]
     done = [all(finite[r] for r in targets) for targets in own]                  # a job's target rows all finite
     wanted = [r for targets, ok in zip(own, done) if ok for r in targets]
     pictures = iter(to_pil(editor.decode(latents[wanted])) if wanted else [])

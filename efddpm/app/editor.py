@@ -274,18 +274,14 @@ class Editor:
         cond = self.encode_prompts(source_prompt) if source_prompt else None  # "": no guidance term
         guidance = checks.guidance(guidance) if cond is not None else None
         fallback = chunk is None and self.fast
-        if chunk is None:
-            chunk = inversion_chunk(x0, steps - skip, 2 if cond is not None else 1, self.dtype) if self.fast else 1
-        chunk = checks.integer("chunk", chunk, low=1)
+        chunk = checks.integer("chunk", self.inversion_chunk(x0, steps - skip, cond is not None) if chunk is None
+                               else chunk, low=1)
         state = None if generator is None else generator.get_state()
 
         def run(chunk: int) -> LatentCode:
-            return edit_friendly_inversion(
-                self.noise_predictor(progress, graphed=chunk == 1), x0, cond, uncond, guidance, num_steps=steps,
-                eta=eta, generator=generator, noise=noise, skip=skip,
-                extract=extract_noise if chunk == 1 else partial(extract_noise_batched, chunk=chunk),
-                meta={"source_prompt": source_prompt, "model": self.models.source, "image": note,
-                      "model_dtype": str(self.dtype).removeprefix("torch."), "chunk": chunk})
+            return self.run_inversion(x0, cond, uncond, guidance, steps=steps, eta=eta, skip=skip, chunk=chunk,
+                                      generator=generator, noise=noise, progress=progress,
+                                      source_prompt=source_prompt, note=note)
         try:
             return run(chunk)
         except torch.OutOfMemoryError:
@@ -297,6 +293,24 @@ class Editor:
         if state is not None:
             generator.set_state(state)       # the same draws as the batched attempt
         return run(1)                         # one timestep per call: fits wherever the regeneration fits
+
+    def inversion_chunk(self, x0: torch.Tensor, steps: int, guided: bool) -> int:
+        """Timesteps per UNet call of an inversion of x0 [B, 4, h, w] over `steps` steps: the fast path's choice
+        (efddpm.app.fast.inversion_chunk, from the shapes and dtype), else 1 (the literal Algorithm 1)."""
+        return inversion_chunk(x0, steps, x0.shape[0] * (2 if guided else 1), self.dtype) if self.fast else 1
+
+    def run_inversion(self, x0: torch.Tensor, cond, uncond, guidance, *, steps: int, eta: float, skip: int,
+                      chunk: int, generator=None, noise=None, progress: Progress | None = None,
+                      source_prompt: str, note: str) -> LatentCode:
+        """Algorithm 1 on checked inputs (x0 [B, 4, h, w]), `chunk` timesteps per UNet call (CUDA graphs at 1), the
+        code's settings recording the prompt, model, resize note, dtype and chunk (Editor.invert and
+        efddpm.app.batched both run it)."""
+        return edit_friendly_inversion(
+            self.noise_predictor(progress, graphed=chunk == 1), x0, cond, uncond, guidance, num_steps=steps,
+            eta=eta, generator=generator, noise=noise, skip=skip,
+            extract=extract_noise if chunk == 1 else partial(extract_noise_batched, chunk=chunk),
+            meta={"source_prompt": source_prompt, "model": self.models.source, "image": note,
+                  "model_dtype": str(self.dtype).removeprefix("torch."), "chunk": chunk})
 
     def regenerate(self, code: LatentCode, prompts: str | list[str], *, guidance: float | list[float] | None = None,
                    skip: int | None = None, eta: float | None = None, progress: Progress | None = None,

@@ -54,7 +54,7 @@ def edit_latents(editor, code: LatentCode, targets: list[str], p2p: P2P, *, guid
     skip = checks.skip(default_skip(n) if skip is None else skip, n, inverted_skip=code.settings["skip"])
     source = code.settings.get("source_prompt", "")
     p2p = checked(p2p, source, targets)
-    if p2p.steps(n, skip) == (0, 0) and not p2p.blend:
+    if not p2p.injects(n, skip):
         return editor.regenerate(code, targets, guidance=guidance, skip=skip, eta=eta, progress=progress)
     guidance = checks.guidances(guidance, len(targets))
     eta = None if eta is None else checks.eta(eta)

@@ -65,6 +65,11 @@ class P2P:
         n = num_steps if self.window == "all" else num_steps - skip
         return int(self.xa * (n + 1)), int(self.sa * n)
 
+    def injects(self, num_steps: int, skip: int) -> bool:
+        """Whether anything is injected: a step in either window, or a local blend. (Without, the P2P edit is the
+        plain edit, and is run as one.)"""
+        return self.steps(num_steps, skip) != (0, 0) or bool(self.blend)
+
     def settings(self, num_steps: int, skip: int) -> dict:
         """What an output records: the settings and the numbers of steps they came to."""
         cross_steps, self_steps = self.steps(num_steps, skip)

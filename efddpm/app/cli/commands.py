@@ -230,9 +230,10 @@ def batch(args) -> int:
                                batched.plain(p2ps[item.id], args.steps, args.skip))
 
         def make(items, seeds: list[int]) -> list:
-            results = batched.edit_batch(editor, [job(item, seed) for item, seed in zip(items, seeds)], common)
-            return [result if isinstance(result, InputError) else writers(item, job(item, seed), result)
-                    for item, seed, result in zip(items, seeds, results)]
+            jobs = [job(item, seed) for item, seed in zip(items, seeds)]
+            results = batched.edit_batch(editor, jobs, common)
+            return [result if isinstance(result, InputError) else writers(item, one, result)
+                    for item, one, result in zip(items, jobs, results)]
 
         def writers(item, job: batched.Job, result: batched.Edited) -> list:
             extra = {"item_id": item.id, "run": {**run.settings, "seed": run.seed},
