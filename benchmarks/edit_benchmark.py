@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from efddpm import load
 from efddpm.app.embedded import DEFAULT_MODEL
 from efddpm.miniature import world
-from efddpm.miniature.charts import line_chart
+from efddpm.eval.charts import line_chart
 from efddpm.miniature.measure import KINDS, METHODS, NUM_STEPS, EditSet, Setting
 
 PAPER_GUIDANCE = 15.0

@@ -155,23 +155,6 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
 PROMPTS = ["a photo of a cat", "a watercolor painting of a red house by the sea", "a dog", "two birds on a wire"]
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A small random-weight CLIPModel with its processor, saved as a hub folder (the SD vocabulary)."""
-    transformers = pytest.importorskip("transformers")
-    from models_util import write_tokenizer_folder
-    folder = write_tokenizer_folder(tmp_path_factory.mktemp("clip"))
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = transformers.CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **tower),
-                                     vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=16)
-    torch.manual_seed(3)                              # a seed whose scores are 0 (clamped) for some pairs, not all
-    transformers.CLIPModel(config).save_pretrained(folder)
-    transformers.CLIPProcessor(image_processor=transformers.CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder)).save_pretrained(folder)
-    return folder
-
-
 class AsTransformers4(torch.nn.Module):
     """The CLIPModel as transformers 4 handed it to torchmetrics: get_image_features and get_text_features
     return the embedding tensor (transformers 5 returns a model output, which torchmetrics 1.9 cannot read)."""

@@ -21,7 +21,7 @@ rank 0 merges the parts into manifest.jsonl once a barrier says every rank is do
 CUDA). An unsharded run merges too: run it once the separate shards are done and it finds their outputs done.
 
 Resume. A run reads every manifest in the folder. Lines written with other settings (model, device type, dtype,
-steps, guidance, P2P flags, seed, ...) stop it before any work unless --overwrite. An output is done when a line
+method, steps, guidance, P2P flags, seed, ...) stop it before any work unless --overwrite. An output is done when a line
 lists it with its file in place, the recorded SHA-256, and the inputs (image, prompts, the entry's own P2P keys)
 that its entry gives now. An item is made again unless all its outputs are done: a failed one, one a process was
 killed in, one whose entry changed. A file in the way of an output is replaced only when it is this run's (a line
@@ -224,11 +224,13 @@ class DatasetRun:
         return run
 
     def check_settings(self, records: list[Record]) -> int | None:
-        """Refuse manifests of other settings; the run seed: --seed, else the one they record (None: none)."""
+        """Refuse manifests of other settings, naming the first that differs in the order of self.settings (efddpm
+        batch: the model, device type, dtype, then --method and the other flags); the run seed: --seed, else the one
+        they record (None: none)."""
         seeds = {r.line["settings"].get("seed") for r in records}
         for record in records:
             recorded = record.line["settings"]
-            for key in sorted(self.settings.keys() | recorded.keys()):
+            for key in [*self.settings, *sorted(recorded.keys() - self.settings.keys())]:
                 if key == "seed" and self.seed is None:
                     continue
                 now = self.seed if key == "seed" else self.settings.get(key)
@@ -360,8 +362,26 @@ def note(quiet: bool, text: str) -> None:
         print(f"efddpm: {text}", file=sys.stderr)
 
 
+class NoBar:
+    """What progress() returns when quiet: a context whose update does nothing (tqdm is not even created, so a
+    notebook without ipywidgets gets no warning about it)."""
+
+    def __enter__(self) -> "NoBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def write(self, text: str, file=sys.stderr) -> None:
+        print(text, file=file)
+
+
 def progress(total: int, quiet: bool, shard: str | None):
     """The run's progress bar over its edits (edits/s and the time left), on stderr; none when quiet."""
+    if quiet or not total:
+        return NoBar()
     from huggingface_hub.utils import tqdm
-    return tqdm(total=total, unit="edit", disable=quiet or not total, file=sys.stderr, leave=False,
-                desc=f"shard {shard}" if shard else None)
+    return tqdm(total=total, unit="edit", file=sys.stderr, leave=False, desc=f"shard {shard}" if shard else None)

@@ -1,6 +1,7 @@
 """Edit lists, read once: read_dataset(path) -> [DatasetItem], whatever format the file is in.
 
     .json, a list   efddpm's batch list: {"image", "source", "targets"} per edit, plus an entry's own P2P settings
+                    and "mask": a picture of the region the edit may change (white; read by efddpm eval only)
     .toml           the same as [[edit]] tables
     .yaml / .yml    the authors' dataset file (DDPM_inversion's test.yaml): {init_img, source_prompt,
                     target_prompts} per edit; reading it needs PyYAML (pip install 'efddpm[yaml]')
@@ -35,7 +36,7 @@ import numpy as np
 from efddpm.core.checks import InputError
 
 ENTRY_OPTIONS = ("p2p", "xa", "sa", "p2p_window", "blend", "reweight")  # a list entry's own P2P settings, over the
-LIST_KEYS = ("id", "image", "source", "targets", *ENTRY_OPTIONS)          # flags of the same names
+LIST_KEYS = ("id", "image", "source", "targets", "mask", *ENTRY_OPTIONS)  # flags of the same names
 YAML_KEYS = ("id", "init_img", "source_prompt", "target_prompts")
 PIE_KEYS = ("image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
             "blended_word", "mask")
@@ -63,6 +64,7 @@ class DatasetItem:
     targets: list[str]                  # one or more target prompts, none blank
     options: dict = field(default_factory=dict)   # a list entry's own keys of ENTRY_OPTIONS, as written
     pie: PieAnnotation | None = None    # PIE-Bench's annotation
+    mask: Path | None = None            # a batch list's "mask": the region the edit may change (white), for eval
     entry: str = field(default="", compare=False)   # how messages name it: "entry 3" (its position) or, where the
                                                     # file gives the id, "entry 'blue-1'" (entry_name)
 
@@ -179,8 +181,14 @@ def list_item(path: Path, root: Path, index: int, e) -> DatasetItem:
         raise InputError(f"{where}: p2p must be true or false, got {shown(e['p2p'])}")
     image = root / e["image"]
     check_image(image, where)
+    if "mask" in e and not isinstance(e["mask"], str):
+        raise InputError(f"{where}: mask must be a path, got {shown(e['mask'])}")
+    mask = root / e["mask"] if "mask" in e else None
+    if mask is not None:
+        check_image(mask, f"{where}: mask")
     return DatasetItem(item_id, image, prompt(e.get("source", ""), "source", where, may_be_empty=True),
-                       prompts(targets, "targets", where), {k: e[k] for k in ENTRY_OPTIONS if k in e}, entry=entry)
+                       prompts(targets, "targets", where), {k: e[k] for k in ENTRY_OPTIONS if k in e}, mask=mask,
+                       entry=entry)
 
 
 def yaml_item(path: Path, root: Path, index: int, e) -> DatasetItem:

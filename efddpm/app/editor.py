@@ -32,7 +32,7 @@ from efddpm.core import checks
 from efddpm.core.checks import InputError
 from efddpm.method.defaults import (COLOUR_STRENGTH, ETA, SHIFT_SKIP_FRACTION, SOURCE_GUIDANCE, STEPS, TARGET_GUIDANCE,
                        default_colour_range, default_skip)
-from efddpm.method.inversion import edit_friendly_inversion, extract_noise, regenerate
+from efddpm.method.inversion import extract_noise, invert as invert_latents, regenerate
 from efddpm.method.latent_code import LatentCode
 from efddpm.method.manipulations import colour_edit, colour_target, latent_mask, shift_code
 from efddpm.method.p2p import P2P
@@ -299,14 +299,14 @@ class Editor:
         (efddpm.app.fast.inversion_chunk, from the shapes and dtype), else 1 (the literal Algorithm 1)."""
         return inversion_chunk(x0, steps, x0.shape[0] * (2 if guided else 1), self.dtype) if self.fast else 1
 
-    def run_inversion(self, x0: torch.Tensor, cond, uncond, guidance, *, steps: int, eta: float, skip: int,
+    def run_inversion(self, x0: torch.Tensor, cond, uncond, guidance, *, steps: int, eta: float | None, skip: int,
                       chunk: int, generator=None, noise=None, progress: Progress | None = None,
-                      source_prompt: str, note: str) -> LatentCode:
-        """Algorithm 1 on checked inputs (x0 [B, 4, h, w]), `chunk` timesteps per UNet call (CUDA graphs at 1), the
-        code's settings recording the prompt, model, resize note, dtype and chunk (Editor.invert and
-        efddpm.app.batched both run it)."""
-        return edit_friendly_inversion(
-            self.noise_predictor(progress, graphed=chunk == 1), x0, cond, uncond, guidance, num_steps=steps,
+                      source_prompt: str, note: str, method: str = "edit_friendly") -> LatentCode:
+        """Algorithm 1 (or efddpm.method.inversion.invert's other `method`) on checked inputs (x0 [B, 4, h, w]), `chunk`
+        timesteps per UNet call (CUDA graphs at 1; "ddim": pass 1), the code's settings recording the prompt, model,
+        resize note, dtype and chunk (Editor.invert and efddpm.app.batched both run it)."""
+        return invert_latents(
+            method, self.noise_predictor(progress, graphed=chunk == 1), x0, cond, uncond, guidance, num_steps=steps,
             eta=eta, generator=generator, noise=noise, skip=skip,
             extract=extract_noise if chunk == 1 else partial(extract_noise_batched, chunk=chunk),
             meta={"source_prompt": source_prompt, "model": self.models.source, "image": note,

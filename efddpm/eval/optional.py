@@ -16,9 +16,14 @@ EXTRA = 'pip install "efddpm[eval]"'
 
 def require(module: str, what: str) -> ModuleType:
     """The module `module` (e.g. "torchmetrics.functional.image"), or InputError saying `what` needs it."""
+    package = module.split(".")[0]
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        package = module.split(".")[0]
         raise InputError(f"{what} needs {package}, which is not installed ({e.msg}); install the evaluation "
                          f"extra: {EXTRA}") from None
+    except Exception as e:            # installed but broken, e.g. by a torchvision built for another torch
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{what} needs {package}, which fails to import ({type(e).__name__}: {first}); "
+                         "check that it (and torchvision, which it imports when installed) matches the installed "
+                         "torch") from None

@@ -114,7 +114,13 @@ def invert(method: str, f: NoisePredictor, x0: Tensor, cond=None, uncond=None, g
     (eq. 5 with write-back). x0: [B, ...], each row with its own noise; noise: optional eps~ [N, B, ...] (noise[n-1]
     for xts[n]); zero_last_noise / reference_direction: the authors' choices (audit options, docs/numerics.md);
     skip: leave out the steps an edit with that skip never uses; extract: the extraction loop (the CUDA fast path
-    passes its batched variant); meta: recorded in the code's settings."""
+    passes its batched variant); meta: recorded in the code's settings.
+    method "ddim": ddim_inversion, which draws nothing (generator and noise must be None) and computes every step
+    (eta, skip, extract and the authors' choices do not apply; its code serves every skip)."""
+    if method == "ddim":
+        if generator is not None or noise is not None:
+            raise ValueError("the DDIM inversion is deterministic: it takes no generator or noise")
+        return ddim_inversion(f, x0, cond, uncond, guidance, num_steps=num_steps, schedule=schedule, meta=meta)
     dtype = working_dtype(x0)
     abar, ts = alphas_cumprod(schedule), timesteps(num_steps, schedule)
     eps_tilde, source = trajectory_noise(num_steps, x0, dtype, generator, noise)   # [N, B, ...]

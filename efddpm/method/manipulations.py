@@ -110,14 +110,26 @@ def paste(x0: Tensor, mask: Tensor, target: Tensor) -> Tensor:
     return x0 * (1 - mask) + target * mask
 
 
+def sdedit_noise(shape, start: int, generator: torch.Generator | None, dtype: torch.dtype, device) -> Tensor:
+    """SDEdit's draws from `generator`, in the order sdedit draws them: the eps of the noising (eq. 2), then the
+    z_t of each step t = start..1, each of `shape` [B, ...]: [start + 1, B, ...]. A batch of several pictures,
+    each with its own generator, stacks their draws along dim 1 and gets each picture's own SDEdit."""
+    return torch.stack([draw_noise(shape, generator, dtype, device) for _ in range(start + 1)])
+
+
 def sdedit(f: NoisePredictor, x0: Tensor, start: int, cond=None, uncond=None, guidance=None, *,
            num_steps: int = STEPS, eta: float = ETA, generator: torch.Generator | None = None,
-           schedule: ScheduleConfig = SD1) -> Tensor:
+           schedule: ScheduleConfig = SD1, noise: Tensor | None = None) -> Tensor:
     """SDEdit (Meng et al.): noise x0 to the paper's t = start by eq. 2 with fresh noise, then
-    sample with eq. 3 and fresh z's down to x_0. x0: [B, ...] (e.g. paste(...)); returns [B, ...]."""
+    sample with eq. 3 and fresh z's down to x_0. x0: [B, ...] (e.g. paste(...)); returns [B, ...].
+    noise: the draws themselves ([start + 1, B, ...], sdedit_noise's layout); None: drawn from `generator`."""
     abar, ts = alphas_cumprod(schedule), timesteps(num_steps, schedule)
     dtype = working_dtype(x0)
-    x = marginal(x0.to(dtype), float(abar[ts[num_steps - start]]),                 # eq. 2
-                 draw_noise(x0.shape, generator, dtype, x0.device))
-    return sample(f, x, cond, uncond, guidance, start=start, num_steps=num_steps, eta=eta, generator=generator,
-                  schedule=schedule)
+    if noise is None:
+        noise = sdedit_noise(x0.shape, start, generator, dtype, x0.device)         # [start + 1, B, ...]
+    elif tuple(noise.shape) != (start + 1, *x0.shape):
+        raise ValueError(f"noise must have shape {(start + 1, *x0.shape)}, got {tuple(noise.shape)}")
+    noise = noise.to(x0.device, dtype)
+    x = marginal(x0.to(dtype), float(abar[ts[num_steps - start]]), noise[0])      # eq. 2
+    return sample(f, x, cond, uncond, guidance, start=start, num_steps=num_steps, eta=eta, schedule=schedule,
+                  noise=noise[1:])

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from efddpm.core.checks import P2P_WINDOWS, words_of
-from efddpm.method.defaults import P2P_CROSS_FRACTION, P2P_SELF_FRACTION
+from efddpm.method.defaults import (P2P_CROSS_FRACTION, P2P_DDIM_CROSS_FRACTION, P2P_DDIM_SELF_FRACTION,
+                                     P2P_SELF_FRACTION)
 from efddpm.method.inversion import regenerate
 from efddpm.method.latent_code import LatentCode
 from efddpm.method.network import NoisePredictor
@@ -75,6 +76,12 @@ class P2P:
         cross_steps, self_steps = self.steps(num_steps, skip)
         return {"xa": self.xa, "sa": self.sa, "window": self.window, "cross_steps": cross_steps,
                 "self_steps": self_steps, "blend": list(self.blend), "reweight": dict(self.reweight)}
+
+
+def defaults_for(method: str) -> P2P:
+    """The authors' settings for a code of that inversion method ("edit_friendly", "native", "ddim"): xa 0.8, sa 0.4
+    on DDIM's (main_run.py --mode p2pddim), else P2P()'s xa 0.6, sa 0.2 (--mode p2pinv)."""
+    return P2P(xa=P2P_DDIM_CROSS_FRACTION, sa=P2P_DDIM_SELF_FRACTION) if method == "ddim" else P2P()
 
 
 def mode(source: str, target: str) -> str:

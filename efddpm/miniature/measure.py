@@ -44,9 +44,8 @@ from efddpm.app.networks import decode_latents, encode_pictures, encode_prompts,
 from efddpm.checkpoint import StableDiffusionModels
 from efddpm.method.inversion import ddim_inversion, edit_friendly_inversion, native_inversion, regenerate
 from efddpm.method.latent_code import LatentCode
-from efddpm.method.defaults import P2P_DDIM_CROSS_FRACTION, P2P_DDIM_SELF_FRACTION
 from efddpm.method.manipulations import sdedit
-from efddpm.method.p2p import P2P, PromptToPrompt, p2p_edit
+from efddpm.method.p2p import PromptToPrompt, defaults_for, p2p_edit
 from efddpm.method.seq_align import tokenize
 from efddpm.miniature import pixels, world
 
@@ -55,8 +54,8 @@ SOURCE_GUIDANCE = 3.5
 METHODS = ("edit-friendly", "native", "DDIM", "SDEdit", "edit-friendly+P2P", "DDIM+P2P")
 KINDS = ("colour", "shape")      # the edits of world.edit_targets, in its order
 INVERSIONS = {"edit-friendly": edit_friendly_inversion, "native": native_inversion, "DDIM": ddim_inversion}
-P2P_SETTINGS = {"edit-friendly+P2P": P2P(),                                           # the authors' runs
-                "DDIM+P2P": P2P(xa=P2P_DDIM_CROSS_FRACTION, sa=P2P_DDIM_SELF_FRACTION)}
+P2P_SETTINGS = {"edit-friendly+P2P": defaults_for("edit_friendly"),                  # the authors' runs
+                "DDIM+P2P": defaults_for("ddim")}
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from efddpm.checkpoint import load, save_single_file
 from efddpm.method import sampling
 from efddpm.method.scheduler import SD1, alphas_cumprod
 from efddpm.miniature import world
-from efddpm.miniature.charts import line_chart
+from efddpm.eval.charts import line_chart
 from efddpm.nets.clip import CLIPTextConfig, CLIPTextModel
 from efddpm.nets.tokenizer import CLIPTokenizer
 from efddpm.nets.unet import UNet, UNetConfig

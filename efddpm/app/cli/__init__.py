@@ -6,6 +6,7 @@
     efddpm shift cat.png --source "a photo of a cat" --dx 8
     efddpm recolor cat.png --source "a photo of a cat" --mask collar.png --color "#ff0000"
     efddpm batch edits.json
+    efddpm eval runs/a runs/b --out scores/         (efddpm.eval.command, passed in by efddpm.__main__)
 
 Every command runs the same sequence (runner.run): check the numbers, read and check the inputs, check the
 outputs' names, load the model, check what needs the model (picture size, shift range), warn about long prompts,
@@ -49,14 +50,19 @@ def warn_once(said: set):
     return show
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra: dict | None = None) -> int:
+    """Run one subcommand; its exit status. extra: subcommands of the layers above the app, name -> (add(subparsers),
+    run(args) -> exit status); efddpm's entry point (efddpm.__main__) passes `eval` (efddpm.eval.command)."""
+    extra = extra or {}
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(extra).parse_args(argv)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)       # other libraries' notes; prompt lengths: runner.run
             for ours in (LargeImageWarning, SettingWarning):
                 warnings.simplefilter("always", ours)
             warnings.showwarning = warn_once(set())
+            if args.command in extra:
+                return extra[args.command][1](args)
             if args.command == "batch":
                 return batch(args)
             run(COMMANDS[args.command], args)

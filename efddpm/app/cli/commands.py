@@ -16,12 +16,12 @@ from efddpm.app.embedded import DEFAULT_MODEL
 from efddpm.app.images import grid, load_image, open_image, png_writer, to_pil
 from efddpm.core import checks
 from efddpm.core.checks import InputError
-from efddpm.method.defaults import default_colour_range, default_skip
-from efddpm.method.p2p import P2P, mode
+from efddpm.method.defaults import ETA, SOURCE_GUIDANCE, default_colour_range, default_skip
+from efddpm.method.p2p import P2P, defaults_for, mode
 
 TILE_KEYS = ("target", "cfg_tgt", "seed", "inversion", "p2p")   # the settings of an edit that differ between tiles
-RUN_KEYS = ("steps", "skip", "cfg_src", "cfg_tgt", "eta", "size", "p2p", "xa", "sa", "p2p_window", "blend", "reweight",
-            "batch_size")
+RUN_KEYS = ("method", "steps", "skip", "cfg_src", "cfg_tgt", "eta", "size", "p2p", "xa", "sa", "p2p_window", "blend",
+            "reweight", "batch_size")
 # batch: the flags that make its pictures, with the model, device type and dtype, make a dataset run's settings
 
 
@@ -197,17 +197,35 @@ def recolor(args) -> Plan:
                       settings=dict(mask=str(args.mask), color=args.color, t_range=list(step_range)))
 
 
+def method_flags(args) -> None:
+    """--cfg-src and --eta as --method reads them. sdedit inverts nothing: a given --cfg-src is refused (batch's
+    default is None: SOURCE_GUIDANCE for the other methods). ddim is deterministic: an --eta other than the default
+    is refused. What the method does not read is recorded as None."""
+    if args.method == "sdedit" and args.cfg_src is not None:
+        raise UsageError("--cfg-src is the source guidance of an inversion, and --method sdedit inverts nothing")
+    if args.method == "ddim" and args.eta != ETA:
+        raise UsageError("--eta: --method ddim is deterministic (its inversion and regeneration have eta 0)")
+    args.cfg_src = None if args.method == "sdedit" else SOURCE_GUIDANCE if args.cfg_src is None else args.cfg_src
+    args.eta = None if args.method == "ddim" else args.eta
+
+
 def batch(args) -> int:
-    """A dataset run (efddpm.app.dataset_run) through the batched engine (efddpm.app.batched): --batch-size items
-    inverted and edited together, each item's PNGs written all or nothing and then listed in the manifest; a rerun
-    resumes. Returns the exit status: 1 when an item failed."""
+    """A dataset run (efddpm.app.dataset_run) through the batched engine (efddpm.app.batched) by --method:
+    --batch-size items inverted and edited together, each item's PNGs written all or nothing and then listed in the
+    manifest; a rerun resumes. Returns the exit status: 1 when an item failed."""
     check_settings(args)
+    method_flags(args)
     shard = shard_from(args.shard, os.environ)
     args.device = shard_device(args.device, shard)
     args.quiet = args.quiet or shard.quiet
     items = read_dataset(args.file, image_root=args.image_root, image_root_name="--image-root")
+    defaults = defaults_for(batched.INVERSIONS.get(args.method, ""))            # ddim: the authors' xa and sa
     p2ps = {item.id: p2p_settings(args, item.source, item.targets, item.options, f"batch file {args.file}: "
-                                  f"{item.entry}: ") for item in items}
+                                  f"{item.entry}: ", defaults) for item in items}
+    if args.method == "sdedit" and (used := [item for item in items if p2ps[item.id] is not None]):
+        raise UsageError("--p2p replays an inversion's source row, and --method sdedit inverts nothing" if args.p2p
+                         else f"batch file {args.file}: {used[0].entry}: p2p replays an inversion's source row, and "
+                              "--method sdedit inverts nothing")
     out = Path(args.out)
     check_output_folder(out)
     device = checks.device(args.device, "--device")
@@ -222,7 +240,7 @@ def batch(args) -> int:
         editor = load_editor(args) if run.todo else None
         if editor is not None:
             warn_long_prompts(editor, [p for item in run.todo for p in (item.source, *item.targets)])
-        common = batched.Settings(args.steps, args.cfg_src, args.eta, args.skip, args.size)
+        common = batched.Settings(args.steps, args.cfg_src, args.eta, args.skip, args.size, args.method)
 
         def job(item, seed: int) -> batched.Job:
             return batched.Job(item.image, item.source, item.targets,
@@ -243,7 +261,7 @@ def batch(args) -> int:
                 **extra})) for target, guidance, img in zip(job.targets, job.guidances, result.images)]
 
         def batches(todo):
-            return batched.batches(todo, args.batch_size, lambda item: batched.kind(job(item, 0)))
+            return batched.batches(todo, args.batch_size, lambda item: batched.kind(job(item, 0), args.method))
         return run.run(group, make, batches, args.quiet)
 
 

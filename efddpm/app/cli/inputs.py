@@ -4,6 +4,7 @@ Each check raises UsageError (an InputError) with one line naming the flag or fi
 """
 import secrets
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,9 +63,11 @@ def check_p2p_flags(args) -> None:
         raise UsageError(f"{used[0]} needs --p2p")
 
 
-def p2p_settings(args, source: str, targets: list[str], entry: dict | None = None, where: str = "") -> P2P | None:
+def p2p_settings(args, source: str, targets: list[str], entry: dict | None = None, where: str = "",
+                 defaults: P2P | None = None) -> P2P | None:
     """--p2p and its flags, a batch entry's keys over them, as checked settings; None for a plain edit.
-    where: how to name an entry's keys in errors ("batch file F: entry 2: ")."""
+    where: how to name an entry's keys in errors ("batch file F: entry 2: "); defaults: what neither gives (None:
+    P2P()'s; batch --method ddim: the authors' DDIM + P2P fractions, efddpm.method.p2p.defaults_for)."""
     entry = entry or {}
     given = {key: entry[key] if key in entry else getattr(args, key, None) for key in ("p2p", *P2P_FLAGS)}
     names = {key: f"{where}{key}" if key in entry else flag for key, flag in P2P_FLAGS.items()}
@@ -73,7 +76,7 @@ def p2p_settings(args, source: str, targets: list[str], entry: dict | None = Non
             raise UsageError(f"{used[0]} needs p2p")
         return None
     fields = {"xa": "xa", "sa": "sa", "p2p_window": "window", "blend": "blend", "reweight": "reweight"}
-    p2p = P2P(**{field: given[key] for key, field in fields.items() if given[key] is not None})   # else P2P's defaults
+    p2p = replace(defaults or P2P(), **{field: given[key] for key, field in fields.items() if given[key] is not None})
     return prompt_to_prompt.checked(p2p, source, targets, {"window": names.pop("p2p_window"), **names})
 
 

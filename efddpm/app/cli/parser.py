@@ -22,7 +22,8 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{command}: {message}" if command else message)
 
 
-def build_parser() -> Parser:
+def build_parser(extra: dict | None = None) -> Parser:
+    """The parser of every subcommand; extra: name -> (add(subparsers), run) of subcommands from above the app."""
     parser = Parser(prog="efddpm", description="Edit real images with the edit-friendly DDPM noise space (SD1.x).")
     parser.add_argument("--version", action="version", version=f"efddpm {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -116,7 +117,8 @@ def build_parser() -> Parser:
     p.add_argument("--t-range", type=int, nargs=2, metavar=("T1", "T2"),
                    help="the steps t (1 = last) in which z_t is pushed (default: 1..40 of 100, scaled to --steps)")
 
-    p = commands.add_parser("batch", help="edit many images listed in a JSON, TOML or YAML file, or PIE-Bench's")
+    p = commands.add_parser("batch", help="edit many images listed in a JSON, TOML or YAML file, or PIE-Bench's, by "
+                                          "edit-friendly inversion or one of the paper's comparisons (--method)")
     p.add_argument("file", help='a JSON list of {"image", "source", "targets"} (TOML: [[edit]] tables), an entry '
                                 "may also set id, p2p, xa, sa, p2p_window, blend (words) and reweight ({word: scale}), "
                                 "over the flags; or the authors' dataset YAML (init_img, source_prompt, "
@@ -124,8 +126,19 @@ def build_parser() -> Parser:
     p.add_argument("--image-root", metavar="DIR", help="the folder that image paths are relative to (default: the "
                                                        "file's; PIE-Bench: its annotation_images, required)")
     inversion_flags(p, with_source=False, seed_help="the run seed; each item's seed is derived from it and the "
-                    "item's id (default: the one the manifest in --out records, else drawn at random and recorded)")
+                    "item's id (default: the one the manifest in --out records, else drawn at random and recorded)",
+                    cfg_src=None, cfg_src_help=f"source guidance of the inversion (default: {SOURCE_GUIDANCE}; "
+                    "--method sdedit inverts nothing and refuses it)")
     p2p_flags(p), model_flags(p)
+    from efddpm.app.batched import METHODS
+    from efddpm.method.defaults import P2P_DDIM_CROSS_FRACTION as DDIM_XA, P2P_DDIM_SELF_FRACTION as DDIM_SA
+    p.add_argument("--method", choices=METHODS, default=METHODS[0], help="how the items are edited (default: "
+                   "%(default)s): edit-friendly, the paper's inversion (Algorithm 1) and regeneration; native, the "
+                   "native DDPM inversion (forward chain, eq. 1), same regeneration; ddim, DDIM inversion under "
+                   "--cfg-src, deterministic regeneration from T - skip (it takes no --eta; with --p2p, --xa and --sa "
+                   f"default to the authors' DDIM + P2P {DDIM_XA} and {DDIM_SA}); sdedit, no inversion: the picture "
+                   "noised to T - skip with fresh noise, then sampled under each target (it takes no --cfg-src and no "
+                   "--p2p; --eta is its sampling's)")
     p.add_argument("--out", default=".", help="folder for the edited PNGs (<id>_<k>.png) and manifest.jsonl, created "
                                               "if missing; a rerun resumes there (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="start over: forget earlier manifests of --out and "
@@ -137,4 +150,6 @@ def build_parser() -> Parser:
                    "rounding, at a higher throughput")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (0 <= I < N), chosen by the items' ids; "
                                                   "under torchrun the rank and world size choose it")
+    for add, _ in (extra or {}).values():
+        add(commands)
     return parser
