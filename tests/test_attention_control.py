@@ -2,6 +2,9 @@
 controller the fused attention runs alone, bit for bit as before; a controller gets the real probabilities only
 where it asks, and what it returns is what the layer uses; channels_last, torch.compile and float64 keep working,
 and the fast path's CUDA graphs step aside while a controller is set."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,6 +196,45 @@ def test_channels_last_and_compile_with_a_controller(net):
             assert (compiled(*inputs) - expected).abs().max() < 1e-12
         assert len(recorder.seen) == sum(s.cross or s.level > 0 for s in unet.attention_sites)
         assert torch.equal(compiled(*inputs), unet(*inputs))                   # and without it, fused again
+
+
+class Stepping(Recorder):
+    """A controller with a step counter, as Prompt-to-Prompt's: what it wants changes with the step."""
+
+    def __init__(self):
+        super().__init__(want=lambda s, q, k: self.step % 2 == 0 and s.cross)
+        self.step = 0
+
+
+def test_a_compiled_unet_does_not_recompile_as_its_controller_steps(net):
+    """The controller is consulted outside torch.compile's graphs (efddpm.nets.unet.keep_out_of_graphs): its step
+    counter is no guard, so the graphs compiled for the first steps serve every later step (with the counter
+    traced, each step would compile new ones, until dynamo's recompile limit)."""
+    from torch._dynamo.testing import CompileCounter
+    unet, inputs = net
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(unet, backend=counter)
+    control = Stepping()
+    with torch.no_grad(), unet.controlled(control):
+        outs = []
+        for step in range(8):
+            control.step = step
+            outs.append(compiled(*inputs))
+            if step == 1:
+                after_two = counter.frame_count
+    assert counter.frame_count == after_two > 0
+    with torch.no_grad(), unet.controlled(Stepping()) as again:
+        again.step = 3
+        assert torch.equal(unet(*inputs), outs[3])
+    torch._dynamo.reset()
+
+
+def test_importing_efddpm_does_not_import_dynamo():
+    """torch._dynamo takes about a second to import: a command pays it only when it compiles or sets a controller."""
+    code = "import sys, efddpm, efddpm.__main__; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_graphed_unet_runs_eagerly_while_a_controller_is_set():

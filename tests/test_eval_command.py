@@ -155,6 +155,7 @@ def test_the_miniature_measures_by_the_worlds_pixel_rules(tmp_path):
     (["{run}", "--metrics", "psnr,sharpness"], "unknown metric 'sharpness'"),
     (["{run}", "--metrics", "psnr"], "--plot: lpips is not among the metrics"),
     (["{empty}", "--metrics", "psnr", "--plot", "psnr", "psnr"], "has no manifest.jsonl"),
+    (["{run}", "{run}", "--metrics", "psnr", "--plot", "psnr", "psnr"], "is given twice"),
     (["{run}", "--metrics", "bg_psnr,psnr", "--plot", "psnr", "psnr"], "bg_psnr needs the edited region"),
     (["--sweep", "skip=3", "--metrics", "psnr"], "--sweep needs --methods"),
     (["--methods", "edit-friendly", "--metrics", "psnr"], "--methods needs --dataset"),

@@ -160,6 +160,8 @@ def evaluate(args, extra: Extra | None = None) -> int:
     runs, edits = [], []
 
     def add_run(path: Path) -> None:
+        if any(Path(run.name).resolve() == path.resolve() for run in runs):
+            raise InputError(f"the run {path} is given twice")
         found, settings, missing = run_edits(path, by_id)
         runs.append(Run(str(path), settings, missing))
         edits.append(found)

@@ -71,17 +71,26 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + self.out_layers(h)
 
 
-@torch.compiler.disable
 def ask(control: AttentionControl, site: AttentionSite, queries: int, keys: int) -> bool:
-    """control.wants(...), never traced by torch.compile: a controller's state (its step counter) would otherwise
-    become a guard of the compiled UNet and recompile it at every step."""
+    """control.wants(...), never traced by torch.compile once a controller was set (keep_out_of_graphs): a
+    controller's state (its step counter) would otherwise become a guard of the compiled UNet and recompile it at
+    every step."""
     return bool(control.wants(site, queries, keys))
 
 
-@torch.compiler.disable
 def hand_over(control: AttentionControl, site: AttentionSite, probs: torch.Tensor) -> torch.Tensor:
     """control(site, probs): the probabilities read or replaced, outside torch.compile's graphs (as ask)."""
     return control(site, probs)
+
+
+def keep_out_of_graphs() -> None:
+    """Rebind ask and hand_over to their torch.compiler.disable'd selves, once, when a controller is first set
+    (UNet.controlled): the attention layers look them up at each call. Not at import: torch.compiler.disable imports
+    torch._dynamo, about a second of every command's start, which only a controlled UNet needs."""
+    global ask, hand_over
+    if not getattr(ask, "out_of_graphs", False):
+        ask, hand_over = torch.compiler.disable(ask), torch.compiler.disable(hand_over)
+        ask.out_of_graphs = True
 
 
 class CrossAttention(nn.Module):
@@ -269,6 +278,7 @@ class UNet(nn.Module):
             raise RuntimeError("this UNet already has an attention controller")
         if isinstance(control, nn.Module):   # would be registered as a submodule: new keys in the state dict
             raise TypeError("an attention controller must not be an nn.Module")
+        keep_out_of_graphs()
         self.attention_control = control
         for layer in self.attention_layers:
             layer.control = control
