@@ -122,6 +122,31 @@ def test_a_rerun_reuses_every_score_and_a_new_metric_adds_only_its_own(swept, da
     assert len(added) == 12 and all(set(json.loads(x)["scores"]) == {"ssim"} for x in added)
 
 
+def test_a_pair_of_folders_is_measured_file_by_file(swept, dataset, clip_folder, lpips_files, tmp_path):
+    """--pair INPUTS EDITS: each edit against the input of its name, its prompt from --prompts (one left out: its
+    CLIP score is not defined and is counted apart)."""
+    run = swept / "runs" / "edit-friendly_skip3"
+    inputs, edits = tmp_path / "inputs", tmp_path / "edits"
+    inputs.mkdir(), edits.mkdir()
+    lines = [json.loads(x) for x in (run / "manifest.jsonl").read_text().splitlines()]
+    outputs = [x for x in lines if x["kind"] == "output"]
+    for line in outputs:
+        shutil.copy(run / line["output"], edits / f"{line['id']}.png")
+        shutil.copy(dataset.parent / "inputs" / f"{line['id']}.png", inputs / f"{line['id']}.png")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({f"{x['id']}.png": x["target"] for x in outputs[1:]}))
+    out = tmp_path / "out"
+    assert main(["eval", "--pair", str(inputs), str(edits), "--prompts", str(prompts), "--out", str(out),
+                 *flags(clip_folder, lpips_files)[:1], "psnr,ssim,clip,lpips", *flags(clip_folder, lpips_files)[2:],
+                 "--quiet"]) == 0
+    row = json.loads((out / "table.json").read_text())["rows"][0]
+    by_run = {r["run"].rsplit("/", 1)[-1]: r for r in json.loads((swept / "table.json").read_text())["rows"]}
+    assert row["method"] == "pair" and row["edits"] == 3
+    for metric in ("psnr", "lpips"):                  # the same pictures as the run: the same numbers
+        assert row[metric]["mean"] == pytest.approx(by_run["edit-friendly_skip3"][metric]["mean"], rel=1e-12)
+    assert (row["clip"]["n"], row["clip"]["not_finite"]) == (2, 1)
+
+
 def test_t_quantiles_and_intervals():
     for nu, t in ((1, 12.706204736), (2, 4.302652730), (10, 2.228138852), (30, 2.042272456)):
         assert t_quantile(0.975, nu) == pytest.approx(t, abs=1e-6)

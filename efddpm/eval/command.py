@@ -38,6 +38,7 @@ from efddpm.eval.scoring import METRICS, NEEDS_REGION, PAPER, PIE_BENCH, Extra, 
 SCORES = "scores.jsonl"
 METHODS = ("edit-friendly", "native", "ddim", "sdedit", "edit-friendly+p2p", "native+p2p", "ddim+p2p")
 SWEEPABLE = {"skip": int, "cfg-tgt": float, "cfg-src": float, "xa": float, "sa": float}
+PASSED = ("model", "dtype", "steps", "batch-size", "size", "device", "image-root")   # eval's flags given to batch
 
 
 def add_parser(commands) -> None:
@@ -74,7 +75,7 @@ def eval_flags(p) -> None:
     g = p.add_argument_group("sweep", "make the runs first with efddpm batch (needs --dataset)")
     g.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)}")
     g.add_argument("--sweep", nargs="+", metavar="KEY=V,V", help=f"settings to sweep, of {', '.join(SWEEPABLE)}")
-    for flag in ("model", "dtype", "steps", "seed", "batch-size", "size"):
+    for flag in ("model", "dtype", "steps", "seed", "batch-size", "size"):                # PASSED, and the seed
         g.add_argument(f"--{flag}", help="passed to efddpm batch")
 
 
@@ -114,16 +115,14 @@ def make_runs(args, grid, folder: Path) -> list[Path]:
     whole (its error has been printed)."""
     seed = args.seed if args.seed is not None else str(random.SystemRandom().randrange(2 ** 31))
     note(args.quiet, f"sweep: {len(grid)} runs, seed {seed}")
-    passed = [f"--{flag}" for flag in ("model", "dtype", "steps", "batch-size", "size", "device", "image-root")
-              if getattr(args, flag.replace("-", "_")) is not None]
+    given = [(f"--{flag}", getattr(args, flag.replace("-", "_"))) for flag in PASSED]
+    passed = [x for flag, value in given if value is not None for x in (flag, str(value))]
     runs = []
     for method, point in grid:
         out = folder / "runs" / run_name(method, point)
         base, p2p = method.removesuffix("+p2p"), method.endswith("+p2p")
-        argv = ["batch", args.dataset, "--out", str(out), "--seed", seed,
-                *(["--method", base] if base != "edit-friendly" else []), *(["--p2p"] * p2p),
-                *(["--quiet"] * args.quiet), *[x for flag in passed for x in (flag, getattr(args, flag[2:].replace(
-                    "-", "_")))], *[x for key, value in point for x in (f"--{key}", value)]]
+        argv = ["batch", args.dataset, "--out", str(out), "--seed", str(seed), "--method", base, *["--p2p"][:p2p],
+                *passed, *[x for key, value in point for x in (f"--{key}", value)], *["--quiet"][:args.quiet]]
         note(args.quiet, f"sweep: efddpm {' '.join(argv)}")
         if efddpm_main(argv) == 2:
             raise InputError(f"sweep: the run {out.name} failed (above); its earlier runs are in {folder / 'runs'}")
