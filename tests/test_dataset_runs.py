@@ -240,6 +240,22 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path, capsy
     assert {line["settings"]["steps"] for line in lines(out / "manifest.jsonl")} == {10}
 
 
+def test_a_run_of_an_earlier_version_resumes(tmp_path, capsys, model):
+    """Its manifest lacks the settings added since (method, batch_size): read as what that run did, it resumes, its
+    outputs kept, and the merged manifest records them."""
+    path = listing(tmp_path, pictures(tmp_path, IDS[:2]))
+    out = tmp_path / "out"
+    assert batch(capsys, path, out, model, "--seed", "3")[0] == 0
+    old = [{**line, "settings": {k: v for k, v in line["settings"].items() if k not in ("method", "batch_size")}}
+           for line in lines(out / "manifest.jsonl")]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in old))
+    before = pngs(out)
+    (out / "p1_2.png").unlink()
+    assert batch(capsys, path, out, model, "--seed", "3", "--batch-size", "1")[0] == 0
+    assert pngs(out) == before                                      # kept, and the missing one made again alike
+    assert {line["settings"]["method"] for line in lines(out / "manifest.jsonl")} == {"edit-friendly"}
+
+
 def test_files_in_the_way_are_refused_and_changed_entries_redone(tmp_path, capsys, model):
     path = listing(tmp_path, pictures(tmp_path, IDS[:2]))
     out = tmp_path / "out"

@@ -13,7 +13,8 @@ One JSON object a line; "kind" says which:
              it was written                seconds, batch, settings
     summary  a process finished            settings, shard, items, done, failed, missing, outputs, seconds
 Every line carries the run's settings (the flags that make the pictures, and the run seed), so one line read alone
-says what made it. An item's lines are appended in one write, flushed and synced, only after its PNGs are in place.
+says what made it; a setting added by a later version (ADDED_SETTINGS) is read, where a line lacks it, as what its
+run did, so runs of earlier versions resume. An item's lines are appended in one write, flushed and synced, only after its PNGs are in place.
 A process killed while appending leaves at worst a torn last line: readers skip every line that is not a JSON
 object of a known kind, and the next appender cuts a torn tail off before it writes. At the end of a run that
 merges (unsharded, or rank 0 under torchrun) manifest.jsonl is rewritten all or nothing from every manifest of the
@@ -32,6 +33,9 @@ from pathlib import Path
 from efddpm.core.atomic import OutputError, write_atomically
 
 MANIFEST = "manifest.jsonl"
+# run settings that later versions added, as the runs that recorded none of them made their pictures: every batch
+# edited one picture at a time (the bytes of --batch-size 1) by edit-friendly inversion
+ADDED_SETTINGS = {"method": "edit-friendly", "batch_size": 1}
 PART = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.jsonl")
 KINDS = ("run", "output", "failed", "summary")
 
@@ -72,6 +76,7 @@ def read_records(folder: Path) -> list[Record]:
             except ValueError:
                 continue
             if isinstance(line, dict) and line.get("kind") in KINDS and isinstance(line.get("settings"), dict):
+                line["settings"] = {**ADDED_SETTINGS, **line["settings"]}    # an earlier version's run resumes
                 records.append(Record(line, path))
     return records
 
