@@ -147,6 +147,17 @@ def test_a_pair_of_folders_is_measured_file_by_file(swept, dataset, clip_folder,
     assert (row["clip"]["n"], row["clip"]["not_finite"]) == (2, 1)
 
 
+@pytest.mark.parametrize("argv, message", [(["--pictures", "0"], "--pictures must be at least 1"),
+                                           (["--metrics", "world_hit,gloss"], "unknown metric 'gloss'"),
+                                           (["--sweep", "skip=x"], "is not skip=value"),
+                                           (["--plot", "psnr", "world_hit"], "--plot: psnr is not among")])
+def test_the_miniatures_bad_inputs_write_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "mini"
+    assert tradeoff.main(["--out", str(out), *argv]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1 and not out.exists()
+
+
 def test_t_quantiles_and_intervals():
     for nu, t in ((1, 12.706204736), (2, 4.302652730), (10, 2.228138852), (30, 2.042272456)):
         assert t_quantile(0.975, nu) == pytest.approx(t, abs=1e-6)
@@ -181,6 +192,7 @@ def test_the_miniature_measures_by_the_worlds_pixel_rules(tmp_path):
     (["{run}", "--metrics", "psnr"], "--plot: lpips is not among the metrics"),
     (["{empty}", "--metrics", "psnr", "--plot", "psnr", "psnr"], "has no manifest.jsonl"),
     (["{run}", "{run}", "--metrics", "psnr", "--plot", "psnr", "psnr"], "is given twice"),
+    (["{run}", "--metrics", "psnr", "--plot", "psnr", "psnr", "--device", "tpu:7"], "--device 'tpu:7' is not a device"),
     (["{run}", "--metrics", "bg_psnr,psnr", "--plot", "psnr", "psnr"], "bg_psnr needs the edited region"),
     (["--sweep", "skip=3", "--metrics", "psnr"], "--sweep needs --methods"),
     (["--methods", "edit-friendly", "--metrics", "psnr"], "--methods needs --dataset"),

@@ -29,6 +29,7 @@ from efddpm.app.dataset_run import note, progress
 from efddpm.app.datasets import read_dataset
 from efddpm.app.manifest import Appender
 from efddpm.core.atomic import Outputs
+from efddpm.core import checks
 from efddpm.core.checks import InputError
 from efddpm.eval.clip_score import DEFAULT_CLIP
 from efddpm.eval.report import Run, rows, table_csv, table_json, table_text, tradeoff_plot
@@ -155,6 +156,7 @@ def evaluate(args, extra: Extra | None = None) -> int:
     folder = Path(args.out)
     check_output_folder(folder)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checks.device(args.device, "--device")
     by_id = {item.id: item for item in items} if items is not None else None
     runs, edits = [], []
 

@@ -27,7 +27,8 @@ from PIL import Image
 
 from efddpm.app.cli.parser import Parser
 from efddpm.core.checks import InputError
-from efddpm.eval.command import eval_flags, evaluate
+from efddpm.eval.command import eval_flags, evaluate, sweep_grid
+from efddpm.eval.scoring import metric_names
 from efddpm.miniature import pixels, world
 from efddpm.miniature.measure import measure_edit
 
@@ -86,11 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.pictures < 1:
             raise InputError("--pictures must be at least 1")
         data = Path(args.out) / "data"
-        args.dataset = str(write_dataset(data, args.pictures, args.picture_seed))
+        args.dataset = str(data / "edits.json")
         args.methods = args.methods or "edit-friendly,sdedit,edit-friendly+p2p"
         args.sweep = args.sweep or ["skip=20,36,52"]
         args.metrics = args.metrics or METRICS
         args.plot = args.plot if tuple(args.plot) != ("lpips", "clip") else ("bg_psnr", "world_hit")
+        metrics = metric_names(args.metrics, ("world_hit", "world_mask_iou"))   # checked before anything is written
+        sweep_grid(args)
+        if unknown := [axis for axis in args.plot if axis not in metrics]:
+            raise InputError(f"--plot: {unknown[0]} is not among the metrics ({', '.join(metrics)})")
+        write_dataset(data, args.pictures, args.picture_seed)
         return evaluate(args, world_metrics(data))
     except InputError as e:
         print(f"efddpm: error: {e}", file=sys.stderr)
