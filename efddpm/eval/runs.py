@@ -9,7 +9,8 @@ PIE-Bench image is measured against the image itself.
 Where the edit list is given (--dataset, the file the runs were made from; PIE-Bench's with --image-root), the
 items' own paths, masks and PIE-Bench annotations are used: the region of an edit is PIE-Bench's decoded mask
 (efddpm.app.datasets.decode_pie_mask, border rule included), or a batch list's "mask" picture (white = the region
-the edit may change) read at the edit's size, thresholded at half. Without a region the background metrics
+the edit may change) read at the edit's size, thresholded at half (a PIE-Bench mask is decoded at 512 x 512, its
+pictures' size, and resized to the edit's by nearest neighbour). Without a region the background metrics
 are not defined for that edit.
 
 A pair of folders (--pair SOURCES EDITS) is a run too: each PNG of EDITS is measured against the picture of the same
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from efddpm.app.datasets import DatasetItem, decode_pie_mask
 from efddpm.app.images import load_image, open_image, to_rgb, to_uint8
@@ -60,8 +62,9 @@ class Edit:
         """The edited region as float [side, side] of 0 and 1, None where the dataset gives none."""
         if self.item is None:
             return None
-        if self.item.pie is not None:
-            return torch.from_numpy(decode_pie_mask(self.item.pie.mask_rle, (side, side)).astype(np.float32))
+        if self.item.pie is not None:                  # PIE-Bench's masks are of its 512 x 512 pictures
+            mask = torch.from_numpy(decode_pie_mask(self.item.pie.mask_rle).astype(np.float32))    # [512, 512]
+            return F.interpolate(mask[None, None], size=(side, side), mode="nearest")[0, 0]       # [side, side]
         if self.item.mask is not None:
             mask = as_uint8(self.item.mask, side).float().mean(0)           # [side, side]
             return (mask >= 127.5).float()
