@@ -13,7 +13,10 @@ import torch
 import efddpm.eval as ev
 from efddpm.__main__ import main
 from efddpm.eval.lpips import Backbone, Heads
-from efddpm.eval.runs import as_uint8, read_picture
+from pathlib import Path
+
+from efddpm.app.datasets import DatasetItem, PieAnnotation
+from efddpm.eval.runs import Edit, as_uint8, read_picture
 from efddpm.eval.stats import summarise, t_quantile
 from efddpm.miniature import tradeoff
 from efddpm.miniature.measure import measure_edit
@@ -156,6 +159,19 @@ def test_the_miniatures_bad_inputs_write_nothing(argv, message, tmp_path, capsys
     assert tradeoff.main(["--out", str(out), *argv]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1 and not out.exists()
+
+
+def test_a_pie_bench_region_is_decoded_at_512_and_resized_to_the_edit():
+    """PIE-Bench's run-length encoding counts pixels of its 512 x 512 pictures: a box of rows 128..255, columns
+    64..319 is the same box at any edit size (here 64: rows 16..31, columns 8..39), border rule included."""
+    rle = [v for y in range(128, 256) for v in (y * 512 + 64, 256)]
+    item = DatasetItem("a", Path("a.png"), "s", ["t"], pie=PieAnnotation("1", "", (), (), (), tuple(rle)))
+    edit = Edit("run", "a_1", Path("a_1.png"), "", Path("a.png"), "t", item)
+    expected = torch.zeros(64, 64)
+    expected[16:32, 8:40] = 1
+    expected[[0, -1], :], expected[:, [0, -1]] = 1, 1
+    assert torch.equal(edit.region(64), expected)
+    assert torch.equal(edit.region(512), ev.edited_region(rle))
 
 
 def test_t_quantiles_and_intervals():

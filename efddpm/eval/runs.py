@@ -64,7 +64,9 @@ class Edit:
             return None
         if self.item.pie is not None:                  # PIE-Bench's masks are of its 512 x 512 pictures
             mask = torch.from_numpy(decode_pie_mask(self.item.pie.mask_rle).astype(np.float32))    # [512, 512]
-            return F.interpolate(mask[None, None], size=(side, side), mode="nearest")[0, 0]       # [side, side]
+            mask = F.interpolate(mask[None, None], size=(side, side), mode="nearest")[0, 0]       # [side, side]
+            mask[[0, -1], :], mask[:, [0, -1]] = 1, 1          # the reference's border rule, at the edit's size
+            return mask
         if self.item.mask is not None:
             mask = as_uint8(self.item.mask, side).float().mean(0)           # [side, side]
             return (mask >= 127.5).float()
