@@ -16,7 +16,7 @@ from efddpm.eval.lpips import Backbone, Heads
 from pathlib import Path
 
 from efddpm.app.datasets import DatasetItem, PieAnnotation
-from efddpm.eval.runs import Edit, as_uint8, read_picture
+from efddpm.eval.runs import Edit, as_uint8
 from efddpm.eval.stats import summarise, t_quantile
 from efddpm.miniature import tradeoff
 from efddpm.miniature.measure import measure_edit
@@ -70,9 +70,9 @@ def recomputed(run, dataset, clip_folder, lpips_files) -> list[dict]:
     lines = [json.loads(x) for x in (run / "manifest.jsonl").read_text().splitlines()]
     out = []
     for line in (x for x in lines if x["kind"] == "output"):
-        edit = read_picture(run / line["output"])                                    # uint8 [3, 64, 64]
-        source = read_picture(dataset.parent / "inputs" / f"{line['id']}.png")
-        edited = (read_picture(dataset.parent / "masks" / f"{line['id']}.png").float().mean(0) >= 127.5).float()
+        edit = ev.rgb_pixels(run / line["output"])                                    # uint8 [3, 64, 64]
+        source = ev.rgb_pixels(dataset.parent / "inputs" / f"{line['id']}.png")
+        edited = (ev.rgb_pixels(dataset.parent / "masks" / f"{line['id']}.png").float().mean(0) >= 127.5).float()
         background = ev.background_scores(source, edit, 1 - edited)
         whole = ev.background_scores(source, edit, torch.ones(64, 64))
         out.append({"bg_psnr": background["psnr"], "bg_mse": background["mse"], "bg_ssim": background["ssim"],
@@ -166,7 +166,7 @@ def test_a_pie_bench_region_is_decoded_at_512_and_resized_to_the_edit():
     64..319 is the same box at any edit size (here 64: rows 16..31, columns 8..39), border rule included."""
     rle = [v for y in range(128, 256) for v in (y * 512 + 64, 256)]
     item = DatasetItem("a", Path("a.png"), "s", ["t"], pie=PieAnnotation("1", "", (), (), (), tuple(rle)))
-    edit = Edit("run", "a_1", Path("a_1.png"), "", Path("a.png"), "t", item)
+    edit = Edit("a_1", Path("a_1.png"), "", Path("a.png"), "t", item)
     expected = torch.zeros(64, 64)
     expected[16:32, 8:40] = 1
     expected[[0, -1], :], expected[:, [0, -1]] = 1, 1
@@ -195,7 +195,7 @@ def test_the_miniature_measures_by_the_worlds_pixel_rules(tmp_path):
         if line["kind"] == "output":
             spec = specs[line["id"]]
             source = as_uint8(out / "data" / "inputs" / f"{line['id']}.png", 64).permute(1, 2, 0).numpy()
-            edit = read_picture(run / line["output"]).permute(1, 2, 0).numpy()
+            edit = ev.rgb_pixels(run / line["output"]).permute(1, 2, 0).numpy()
             hits.append(measure_edit(world.Picture(**spec["source"]), world.Picture(**spec["target"]), spec["kind"],
                                      source, edit)["hit"])
     assert table["rows"][0]["world_hit"]["mean"] == pytest.approx(np.mean(hits)) and len(hits) == 2

@@ -62,20 +62,29 @@ class Record:
         return self.line["kind"]
 
 
+def json_objects(path: Path) -> list[dict]:
+    """The lines of a JSON Lines file that are JSON objects (a torn or foreign line is skipped)."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise OutputError(f"cannot read {path}: {e.strerror or e}") from None
+    objects = []
+    for raw in text.split("\n"):
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict):
+            objects.append(line)
+    return objects
+
+
 def read_records(folder: Path) -> list[Record]:
     """Every well-formed line of every manifest of the folder (a torn or foreign line is skipped)."""
     records = []
     for path in manifest_files(folder):
-        try:
-            text = path.read_bytes().decode("utf-8", errors="replace")
-        except OSError as e:
-            raise OutputError(f"cannot read {path}: {e.strerror or e}") from None
-        for raw in text.split("\n"):
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(line, dict) and line.get("kind") in KINDS and isinstance(line.get("settings"), dict):
+        for line in json_objects(path):
+            if line.get("kind") in KINDS and isinstance(line.get("settings"), dict):
                 line["settings"] = {**ADDED_SETTINGS, **line["settings"]}    # an earlier version's run resumes
                 records.append(Record(line, path))
     return records

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 import random
 from pathlib import Path
@@ -27,7 +26,7 @@ from efddpm.app.cli import main as efddpm_main
 from efddpm.app.cli.inputs import check_output_folder
 from efddpm.app.dataset_run import note, progress
 from efddpm.app.datasets import read_dataset
-from efddpm.app.manifest import Appender
+from efddpm.app.manifest import Appender, json_objects
 from efddpm.core.atomic import Outputs
 from efddpm.core import checks
 from efddpm.core.checks import InputError
@@ -131,6 +130,15 @@ def make_runs(args, grid, folder: Path) -> list[Path]:
     return runs
 
 
+def chosen_metrics(args, extra: tuple[str, ...], pie: bool) -> tuple[str, ...]:
+    """--metrics (default: pie-bench for PIE-Bench's file, else paper), checked with --plot's axes among them."""
+    metrics = metric_names(args.metrics, extra) if args.metrics is not None else PIE_BENCH if pie else PAPER
+    for axis in args.plot:
+        if axis not in metrics:
+            raise InputError(f"--plot: {axis} is not among the metrics ({', '.join(metrics)}); choose with --plot X Y")
+    return metrics
+
+
 def finite(value: float):
     return value if math.isfinite(value) else str(value)           # JSON has no NaN / inf: "nan", "inf"
 
@@ -144,11 +152,7 @@ def evaluate(args, extra: Extra | None = None) -> int:
         raise InputError("--prompts goes with --pair")
     items = read_dataset(args.dataset, image_root=args.image_root, image_root_name="--image-root") \
         if args.dataset is not None else None
-    pie = items is not None and any(item.pie is not None for item in items)
-    metrics = metric_names(args.metrics, tuple(extra or ())) if args.metrics is not None else PIE_BENCH if pie else PAPER
-    for axis in args.plot:
-        if axis not in metrics:
-            raise InputError(f"--plot: {axis} is not among the metrics ({', '.join(metrics)}); choose with --plot X Y")
+    metrics = chosen_metrics(args, tuple(extra or ()), items is not None and any(item.pie is not None for item in items))
     regional = [m for m in metrics if m in NEEDS_REGION]
     if regional and not any(item.pie is not None or item.mask is not None for item in items or []):
         raise InputError(f"{regional[0]} needs the edited region, and no edit has one: give --dataset, PIE-Bench's "
@@ -229,16 +233,5 @@ def line_key(line: dict) -> tuple:
 def read_scores(folder: Path) -> list[dict]:
     """The well-formed lines of folder/scores.jsonl (a torn last line is skipped, and cut by the next append)."""
     path = folder / SCORES
-    if not path.is_file():
-        return []
-    out = []
-    for raw in path.read_bytes().decode("utf-8", errors="replace").split("\n"):
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(line, dict) and line.get("kind") == "scores" and isinstance(line.get("scores"), dict) \
-                and isinstance(line.get("config"), dict):
-            out.append(line)
-    return out
-
+    return [line for line in json_objects(path) if line.get("kind") == "scores" and isinstance(line.get("scores"),
+            dict) and isinstance(line.get("config"), dict)] if path.is_file() else []

@@ -31,6 +31,7 @@ from efddpm.core.checks import InputError
 from efddpm.eval.background import masked
 from efddpm.eval.optional import EXTRA
 from efddpm.eval.pixels import checked_region, unit_pair
+from efddpm.eval.weights import read_state
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -119,13 +120,6 @@ class Heads(nn.Module):
         super().__init__()
         for k, channels in enumerate(NETS[checked_net(net)][2]):
             self.add_module(f"lin{k}", Head(channels))
-
-
-def read_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def backbone_file(net: str, path: str | Path | None) -> Path:

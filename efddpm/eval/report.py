@@ -89,10 +89,14 @@ def table_csv(table: list[dict], metrics: tuple[str, ...]) -> str:
     return out.getvalue()
 
 
+def heading(metric: str) -> str:
+    """A metric's name as tables and axes print it, with its factor: "bg_mse (x10000)"."""
+    return metric + (f" (x{TABLE_SCALE[metric]:g})" if metric in TABLE_SCALE else "")
+
+
 def table_text(table: list[dict], metrics: tuple[str, ...]) -> str:
     """The rows of every edit ("all") as a Markdown table: mean +- ci95 per metric."""
-    scale = lambda m: f" (x{TABLE_SCALE[m]:g})" if m in TABLE_SCALE else ""
-    lines = ["| method | setting | edits | " + " | ".join(m + scale(m) for m in metrics) + " |",
+    lines = ["| method | setting | edits | " + " | ".join(map(heading, metrics)) + " |",
              "|---|---|---|" + "---|" * len(metrics)]
     for row in (r for r in table if r["edit_type"] == "all"):
         cells = [f"{row[m]['mean']:.4g} +- {row[m]['ci95']:.2g}" if math.isfinite(row[m]["ci95"])
@@ -128,7 +132,6 @@ def tradeoff_plot(table: list[dict], runs: list[Run], x: str, y: str) -> Image.I
         return None
     for points in curves.values():
         points.sort(key=lambda p: p[0])
-    scale = lambda m: f" (x{TABLE_SCALE[m]:g})" if m in TABLE_SCALE else ""
     return line_chart({n: [(p[1], p[2]) for p in pts] for n, pts in curves.items()},
-                      f"{y} against {x}, along {axis.replace('_', '-')}", x + scale(x), y + scale(y), markers=True,
+                      f"{y} against {x}, along {axis.replace('_', '-')}", heading(x), heading(y), markers=True,
                       labels={n: [p[3] for p in pts] for n, pts in curves.items()})

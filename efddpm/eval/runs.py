@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from efddpm.app.datasets import DatasetItem, decode_pie_mask
-from efddpm.app.images import load_image, open_image, to_rgb, to_uint8
+from efddpm.app.images import load_image, to_uint8
 from efddpm.app.manifest import read_records, sha256, verified
 from efddpm.core.checks import InputError
+from efddpm.eval.pixels import rgb_pixels
 
 PICTURES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -37,7 +38,6 @@ PICTURES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 @dataclass(frozen=True)
 class Edit:
     """One edited picture and what it is measured against."""
-    run: str                      # the run's name: its folder's
     key: str                      # unique in the run: "<id>_<k>" (a batch run) or the file name (a pair)
     edit: Path                    # the edited picture
     digest: str                   # its SHA-256: a score is reused only for the same bytes
@@ -52,7 +52,7 @@ class Edit:
 
     def pictures(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, edit) as uint8 [3, S, S]: the input resized and cropped as the edit's input was."""
-        edit = read_picture(self.edit)
+        edit = rgb_pixels(self.edit)                                              # uint8 [3, H, W]
         side = edit.shape[-1]
         if edit.shape[-2] != side:
             raise InputError(f"{self.edit}: an edit is square, this one is {edit.shape[-1]}x{edit.shape[-2]}")
@@ -71,11 +71,6 @@ class Edit:
             mask = as_uint8(self.item.mask, side).float().mean(0)           # [side, side]
             return (mask >= 127.5).float()
         return None
-
-
-def read_picture(path: Path) -> torch.Tensor:
-    """A picture file as uint8 [3, H, W] RGB (ImageError, naming the file, if it cannot be read)."""
-    return torch.from_numpy(np.array(to_rgb(open_image(path)))).permute(2, 0, 1).contiguous()   # [3, H, W]
 
 
 def as_uint8(path: Path, side: int) -> torch.Tensor:
@@ -110,8 +105,8 @@ def run_edits(folder: Path, items: dict[str, DatasetItem] | None) -> tuple[list[
         if not source.is_file():
             raise InputError(f"{folder}: the input of {line['output']} is not found: {source} (the manifest's path; "
                              "run eval where batch ran, or give --dataset)")
-        edits.append(Edit(folder.name, f"{item_id}_{k}", folder / line["output"], line["sha256"], source,
-                          line.get("target"), item))
+        edits.append(Edit(f"{item_id}_{k}", folder / line["output"], line["sha256"], source, line.get("target"),
+                          item))
     return edits, settings, len(listed - found.keys())
 
 
@@ -126,7 +121,7 @@ def pair_edits(sources: Path, folder: Path, prompts: Path | None) -> list[Edit]:
         source = sources / edit.name
         if not source.is_file():
             raise InputError(f"--pair: {edit} has no input of the same name in {sources}")
-        edits.append(Edit(folder.name, edit.name, edit, sha256(edit) or "", source, targets.get(edit.name)))
+        edits.append(Edit(edit.name, edit, sha256(edit) or "", source, targets.get(edit.name)))
     if not edits:
         raise InputError(f"--pair: {folder} holds no pictures")
     return edits

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from efddpm.core.checks import InputError
 from efddpm.eval.dino import DINO_VITB8, DinoViT
 from efddpm.eval.pixels import rgb_pixels
+from efddpm.eval.weights import read_state
 
 DINO_VITB8_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,10 +56,7 @@ def dino_weights(path: str | Path | None = None) -> dict[str, torch.Tensor]:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"DINO weights not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_state(path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / DINO_VITB8_URL.rsplit("/", 1)[1]
     try:
         return torch.hub.load_state_dict_from_url(DINO_VITB8_URL, map_location="cpu", weights_only=True)
