@@ -204,7 +204,7 @@ def files_read(monkeypatch) -> list[str]:
     """Record the names of the weight files load() opens."""
     names, read = [], ckpt.read_tensors
     monkeypatch.setattr("efddpm.checkpoint.diffusers.read_tensors",  # where the diffusers reader looks it up
-                        lambda path: names.append(path.name) or read(path))
+                        lambda path, device=None: names.append(path.name) or read(path, device))
     return names
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 from efddpm.app import prompt_to_prompt
 from efddpm.app.fast import GraphedUNet, extract_noise_batched, inversion_chunk
 from efddpm.app.images import load_image, load_mask, to_pil
+from efddpm.app.overlap import PendingNoise
 from efddpm.app.networks import Progress, decode_latents, encode_pictures, encode_prompts, unet_predictor
 from efddpm.checkpoint import CheckpointError, StableDiffusionModels, load
 from efddpm.core import checks
@@ -176,12 +177,14 @@ class Editor:
             raise InputError(f"{name} must be a string or a non-empty list of strings, got {prompts!r}")
         return list(prompts)
 
-    def check_code(self, code, targets: int = 1) -> None:
-        """A latent code this model can regenerate: checked settings and tensors, latents with the UNet's channels,
-        one row or one per target."""
+    def check_code(self, code, targets: int = 1, values: bool = True) -> None:
+        """A latent code this model can regenerate: checked settings and tensors (values False: all but the values,
+        for a code whose noise maps are still being computed), latents with the UNet's channels, one row or one per
+        target."""
         if not isinstance(code, LatentCode):
             raise InputError(f"code must be a LatentCode, got {type(code).__name__}")
-        code.check()
+        if values:
+            code.check()
         shape, channels = tuple(code.x_T.shape), self.models.unet.config.in_channels
         if len(shape) != 4 or shape[1] != channels:
             raise InputError(f"the code's latents are {list(shape)}, this model's are [B, {channels}, h, w]")
@@ -245,13 +248,15 @@ class Editor:
     def invert(self, image, source_prompt: str = "", *, steps: int = STEPS, guidance: float = SOURCE_GUIDANCE,
                eta: float = ETA, seed: int | None = None, generator: torch.Generator | None = None,
                noise: torch.Tensor | None = None, size: int | None = None, skip: int = 0, chunk: int | None = None,
-               progress: Progress | None = None) -> LatentCode:
+               progress: Progress | None = None, overlap: PendingNoise | None = None) -> LatentCode:
         """Edit-friendly inversion (Algorithm 1) of one image under the source prompt (`steps - skip` network calls).
 
         Randomness, one of: seed (a torch.Generator on the editor's device seeded with it), generator (yours),
         noise (the eps~ of eq. 6 themselves, [steps, 1, 4, h, w]: an auditor can feed another implementation's
         draws); none: torch's global generator. skip: the code serves edits with that skip or more (the noisier
         steps are left out). chunk: timesteps per batched UNet call (the fast path's choice when None; recorded).
+        overlap: with a batched inversion (chunk > 1), compute nothing yet: the code's noise maps are computed as a
+        regeneration given the same `overlap` asks for them (Editor.invert_and_edit; efddpm.app.overlap).
         """
         steps = checks.steps(steps, max_steps())
         skip = checks.skip(skip, steps)
@@ -281,7 +286,7 @@ class Editor:
         def run(chunk: int) -> LatentCode:
             return self.run_inversion(x0, cond, uncond, guidance, steps=steps, eta=eta, skip=skip, chunk=chunk,
                                       generator=generator, noise=noise, progress=progress,
-                                      source_prompt=source_prompt, note=note)
+                                      source_prompt=source_prompt, note=note, overlap=overlap)
         try:
             return run(chunk)
         except torch.OutOfMemoryError:
@@ -301,52 +306,90 @@ class Editor:
 
     def run_inversion(self, x0: torch.Tensor, cond, uncond, guidance, *, steps: int, eta: float | None, skip: int,
                       chunk: int, generator=None, noise=None, progress: Progress | None = None,
-                      source_prompt: str, note: str, method: str = "edit_friendly") -> LatentCode:
+                      source_prompt: str, note: str, method: str = "edit_friendly",
+                      overlap: PendingNoise | None = None) -> LatentCode:
         """Algorithm 1 (or efddpm.method.inversion.invert's other `method`) on checked inputs (x0 [B, 4, h, w]), `chunk`
         timesteps per UNet call (CUDA graphs at 1; "ddim": pass 1), the code's settings recording the prompt, model,
-        resize note, dtype and chunk (Editor.invert and efddpm.app.batched both run it)."""
+        resize note, dtype and chunk (Editor.invert and efddpm.app.batched both run it). overlap: Editor.invert's."""
+        extract = extract_noise if chunk == 1 else partial(extract_noise_batched, chunk=chunk)
+        if overlap is not None and chunk > 1:
+            extract = partial(overlap.extract, chunk=chunk)
         return invert_latents(
             method, self.noise_predictor(progress, graphed=chunk == 1), x0, cond, uncond, guidance, num_steps=steps,
-            eta=eta, generator=generator, noise=noise, skip=skip,
-            extract=extract_noise if chunk == 1 else partial(extract_noise_batched, chunk=chunk),
+            eta=eta, generator=generator, noise=noise, skip=skip, extract=extract,
             meta={"source_prompt": source_prompt, "model": self.models.source, "image": note,
                   "model_dtype": str(self.dtype).removeprefix("torch."), "chunk": chunk})
 
     def regenerate(self, code: LatentCode, prompts: str | list[str], *, guidance: float | list[float] | None = None,
                    skip: int | None = None, eta: float | None = None, progress: Progress | None = None,
-                   **options) -> torch.Tensor:
+                   overlap: PendingNoise | None = None, **options) -> torch.Tensor:
         """Eq. 3 replayed with the code's noise maps under each prompt, from T - skip -> x_0 latents [K, 4, h, w].
         guidance None: the code's source guidance (none for a code of an empty source prompt: then f(x, t, prompt)).
         skip None: T_skip = 36 of 100 scaled to the code's steps. options: those of efddpm.method.inversion.regenerate
-        (zero_last_noise, reference_direction, noise_edit)."""
+        (zero_last_noise, reference_direction, noise_edit). overlap: the one the code was inverted with (its noise maps
+        are computed as the steps ask for them, and the code is checked once they all are)."""
         prompts = self.prompt_list(prompts)
-        self.check_code(code, len(prompts))
+        pending = overlap is not None and overlap.chunks is not None
+        self.check_code(code, len(prompts), values=not pending)
         n = code.num_steps
         skip = checks.skip(default_skip(n) if skip is None else skip, n, inverted_skip=code.settings["skip"])
         guidance = None if guidance is None else _guidance_list(guidance, len(prompts))
         eta = None if eta is None else checks.eta(eta)
         f = self.noise_predictor(progress, graphed=True)
         latents = regenerate(f, code.to(self.device), self.encode_prompts(prompts), self.encode_prompts(""), guidance,
-                             skip=skip, eta=eta, **options)  # [K, 4, h, w]
+                             skip=skip, eta=eta, noise_ready=overlap.wait if pending else None, **options)  # [K, 4, h, w]
+        if pending:
+            overlap.finish()
+            code.check()
         return self.check_output(latents)
 
     def edit(self, code: LatentCode, target_prompts: str | list[str], *, guidance: float | list[float] | None = None,
              skip: int | None = None, eta: float | None = None, output: str = "pil",
-             progress: Progress | None = None, p2p: P2P | None = None) -> list[Image.Image] | torch.Tensor:
+             progress: Progress | None = None, p2p: P2P | None = None,
+             overlap: PendingNoise | None = None) -> list[Image.Image] | torch.Tensor:
         """Edited images, one per target prompt: PIL images, or a tensor [K, 3, H, W] in [-1, 1] (output="tensor").
         guidance: one weight, or one per prompt; None: self.target_guidance. skip None: 36 of 100, scaled.
         p2p: Prompt-to-Prompt (efddpm.method.p2p.P2P: xa, sa, blend, reweight, window) on the code's source row,
-        regenerated beside the targets under the code's source prompt and guidance (docs/prompt_to_prompt.md)."""
+        regenerated beside the targets under the code's source prompt and guidance (docs/prompt_to_prompt.md).
+        overlap: the one the code was inverted with (Editor.invert_and_edit)."""
         guidance = self.target_guidance if guidance is None else guidance
         if output not in ("pil", "tensor"):
             raise InputError(f"output must be 'pil' or 'tensor', not {output!r}")
         if p2p is not None:
+            if overlap is not None:
+                overlap.finish()                       # Prompt-to-Prompt regenerates from a whole code
             latents = prompt_to_prompt.edit_latents(self, code, self.prompt_list(target_prompts), p2p,
                                                     guidance=guidance, skip=skip, eta=eta, progress=progress)
         else:
-            latents = self.regenerate(code, target_prompts, guidance=guidance, skip=skip, eta=eta, progress=progress)
+            latents = self.regenerate(code, target_prompts, guidance=guidance, skip=skip, eta=eta, progress=progress,
+                                      overlap=overlap)
         images = self.decode(latents)
         return images if output == "tensor" else to_pil(images)
+
+    def invert_and_edit(self, image, source_prompt: str, target_prompts: str | list[str], *, steps: int = STEPS,
+                        source_guidance: float = SOURCE_GUIDANCE, guidance: float | list[float] | None = None,
+                        skip: int | None = None, eta: float = ETA, seed: int | None = None,
+                        noise: torch.Tensor | None = None, size: int | None = None, output: str = "pil",
+                        progress: Progress | None = None,
+                        p2p: P2P | None = None) -> tuple[list[Image.Image] | torch.Tensor, LatentCode]:
+        """Editor.invert, then Editor.edit of that code with the same skip (None: 36 of 100, scaled): (images, code).
+        On the fast path a batched inversion overlaps with the regeneration (efddpm.app.overlap): the regeneration's
+        step t starts as soon as z_t is computed, on another CUDA stream. Same bits as the two calls."""
+        skip = default_skip(checks.steps(steps, max_steps())) if skip is None else skip
+
+        def run(overlap: PendingNoise | None):
+            code = self.invert(image, source_prompt, steps=steps, guidance=source_guidance, eta=eta, seed=seed,
+                               noise=noise, size=size, skip=skip, progress=progress, overlap=overlap)
+            return self.edit(code, target_prompts, guidance=guidance, skip=skip, eta=eta, output=output,
+                             progress=progress, p2p=p2p, overlap=overlap), code
+        if not self.fast:
+            return run(None)
+        try:
+            return run(PendingNoise(torch.cuda.Stream(self.device)))
+        except torch.OutOfMemoryError:
+            pass
+        torch.cuda.empty_cache()   # out of the except block: the failed attempt's tensors are freed
+        return run(None)           # one after the other (Editor.invert falls back to one timestep per call)
 
     # ------------------------------------------------------------------ the paper's other manipulations
 

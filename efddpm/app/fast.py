@@ -18,6 +18,7 @@ Nothing here changes a formula; tests/test_fast_path.py checks the batched inver
 Algorithm 1 on the CPU, benchmarks/speed.py measures it on a GPU.
 """
 import contextlib
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -105,11 +106,25 @@ def extract_noise_batched(f: NoisePredictor, xts: Tensor, ts: Tensor, cond=None,
     the extraction, so the steps depend on each other only through the write-back of eq. 3, whose change is
     rounding: here f and mu see x_t as stored before the write-back. chunk = 1 is the literal Algorithm 1.
     Modifies xts [N+1, B, ...] in place; returns zs [N, B, ...] (NaN for the `skip` noisiest steps)."""
+    zs = torch.full_like(xts[1:], float("nan"))                             # [N, B, ...]
+    for _ in extraction_chunks(f, xts, zs, ts, cond, uncond, guidance, chunk=chunk, eta=eta, schedule=schedule,
+                               reference_direction=reference_direction, skip=skip):
+        pass
+    return zs
+
+
+def extraction_chunks(f: NoisePredictor, xts: Tensor, zs: Tensor, ts: Tensor, cond=None, uncond=None, guidance=None,
+                      *, chunk: int, eta: float = ETA, schedule: ScheduleConfig = SD1,
+                      reference_direction: bool = False, skip: int = 0) -> Iterator[list[int]]:
+    """extract_noise_batched one chunk at a time: each step of the generator makes one batched call of f, writes
+    z_t into zs[t-1] (eq. 5) and x_{t-1} into xts[t-1] (eq. 3) for the chunk's t, noisiest first, and yields those
+    t. Nothing here waits for the GPU (no copy from the host, no reading of a value), so the host can queue every
+    chunk on one CUDA stream while another stream regenerates (efddpm.app.overlap)."""
     abar, n_steps, batch = alphas_cumprod(schedule), ts.numel(), xts.shape[1]
     if not 0 <= skip < n_steps or chunk < 1:
         raise ValueError(f"need 0 <= skip < {n_steps} and chunk >= 1, got skip={skip}, chunk={chunk}")
-    zs = torch.full_like(xts[1:], float("nan"))                             # [N, B, ...]
-    ts = ts.tolist()                                                        # read once (no device sync per step)
+    t_rows = ts.to(xts.device, non_blocking=True).repeat_interleave(batch).view(n_steps, batch)  # [N, B], ts[N-t]: t
+    ts = ts.tolist()                                                        # read once
     steps = list(range(n_steps - skip, 0, -1))                              # the paper's t = T - skip .. 1
     for first in range(0, len(steps), chunk):
         group = steps[first:first + chunk]                                  # the paper's t, descending
@@ -117,15 +132,15 @@ def extract_noise_batched(f: NoisePredictor, xts: Tensor, ts: Tensor, cond=None,
                  for n in group]
         if min(s.sigma for s in coefs) <= 0:
             raise ValueError("sigma_t = 0: eq. 5 needs eta > 0 and var_t > 0")
-        x_in = xts[torch.tensor(group, device=xts.device)]                  # x_t (a copy), [C, B, ...]
-        t_in = torch.tensor([s.t for s in coefs]).repeat_interleave(batch)  # [C * B]
+        x_in = xts[group[-1]:group[0] + 1].flip(0)                          # x_t (a copy), [C, B, ...]
+        t_in = t_rows[n_steps - group[0]:n_steps - group[-1] + 1].flatten()  # [C * B]
         eps = guided_eps(f, x_in.flatten(0, 1), t_in,                       # f_t(x_t), [C * B, ...]
                          tiled(cond, len(group), batch), tiled(uncond, len(group), batch),
                          tiled(guidance, len(group), batch)).view_as(x_in)
         for x, e, n, s in zip(x_in, eps, group, coefs):
             zs[n - 1] = (xts[n - 1] - mu(x, e, s)) / s.sigma                # eq. 5
             xts[n - 1] = ddpm_step(x, e, s, zs[n - 1])                      # eq. 3 (write-back)
-    return zs
+        yield group
 
 
 def tiled(c, times: int, batch: int):

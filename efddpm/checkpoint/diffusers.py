@@ -17,20 +17,22 @@ from efddpm.nets.vae import VAEConfig
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
 
 
-def read_diffusers_folder(folder: Path, name: str, *, prefer_fp16: bool, unet_weights: str) -> Weights:
+def read_diffusers_folder(folder: Path, name: str, *, prefer_fp16: bool, unet_weights: str, device=None) -> Weights:
     """The weights and configs of a diffusers folder; prefer_fp16 and unet_weights pick the weights files
-    (see weight_file_candidates)."""
+    (see weight_file_candidates); device: where to read the tensors to (efddpm.checkpoint.tensors.read_tensors)."""
     _refuse_other_folder(folder, name)
     unet_json = _read_json(folder / "unet" / "config.json", name)
     unet_config = unet_config_from_diffusers(unet_json, name)
     vae_config = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json", name), name)
     clip_config = clip_config_from_transformers(_read_json(folder / "text_encoder" / "config.json", name), name)
     scheduler_config = _scheduler_config(folder / "scheduler" / "scheduler_config.json", name)
-    unet = _component_tensors(folder, "unet", name, prefer_fp16=prefer_fp16, raw_unet=unet_weights == "raw")
+    unet = _component_tensors(folder, "unet", name, prefer_fp16=prefer_fp16, raw_unet=unet_weights == "raw",
+                              device=device)
     unet = renamed(unet, lambda k: diffusers_unet_name(k, unet_config), f"{name}: unet")
-    vae = _component_tensors(folder, "vae", name, prefer_fp16=prefer_fp16)
+    vae = _component_tensors(folder, "vae", name, prefer_fp16=prefer_fp16, device=device)
     vae = renamed(vae, lambda k: diffusers_vae_name(k, len(vae_config.channel_mult)), f"{name}: vae")
-    text = {k: t for k, t in _component_tensors(folder, "text_encoder", name, prefer_fp16=prefer_fp16).items()
+    text = {k: t for k, t in _component_tensors(folder, "text_encoder", name, prefer_fp16=prefer_fp16,
+                                                 device=device).items()
             if transformers_clip_name(k) != "embeddings.position_ids"}  # rebuilt in forward
     return Weights(
         unet=(unet_config, unet),
@@ -99,10 +101,11 @@ def first_weights_file(component: str, exists: Callable[[str], bool], name: str,
     return found
 
 
-def _component_tensors(folder: Path, component: str, name: str, *, prefer_fp16: bool, raw_unet: bool = False) -> dict:
+def _component_tensors(folder: Path, component: str, name: str, *, prefer_fp16: bool, raw_unet: bool = False,
+                       device=None) -> dict:
     file = first_weights_file(component, lambda rel: (folder / rel).is_file(), name, prefer_fp16=prefer_fp16,
                               raw_unet=raw_unet)
-    return read_tensors(folder / file)[0]
+    return read_tensors(folder / file, device)[0]
 
 
 # Configs from config.json; a field left out means diffusers' / transformers' default, as there. Options

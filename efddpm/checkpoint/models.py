@@ -54,14 +54,15 @@ def load(source: str | os.PathLike, *, device: str | torch.device = "cpu", dtype
     prefer_fp16 = dtype == torch.float16
     path, name = Path(source), Path(source).name
     if path.is_file():
-        weights = read_single_file(path, unet_weights=unet_weights)
+        weights = read_single_file(path, unet_weights=unet_weights, device=device)
     elif path.is_dir():
-        weights = read_diffusers_folder(path, name, prefer_fp16=prefer_fp16, unet_weights=unet_weights)
+        weights = read_diffusers_folder(path, name, prefer_fp16=prefer_fp16, unet_weights=unet_weights, device=device)
     elif is_repo_id(str(source)):
         name = str(source)
         folder = hub_snapshot(name, revision=revision, offline=offline, prefer_fp16=prefer_fp16,
                               unet_weights=unet_weights)
-        weights = read_diffusers_folder(folder, name, prefer_fp16=prefer_fp16, unet_weights=unet_weights)
+        weights = read_diffusers_folder(folder, name, prefer_fp16=prefer_fp16, unet_weights=unet_weights,
+                                        device=device)
     else:
         raise CheckpointError(f"{source}: no such file or folder (and not a hub repo id of the form org/name)")
     vocab_size = weights.text_encoder[0].vocab_size
@@ -100,11 +101,21 @@ def _build(cls: type[nn.Module], config, tensors: dict, device, dtype: torch.dty
     with torch.device("meta"):
         model = cls(config)
     check_state_dict(model, tensors, what)
-    model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}, assign=True)
+    model.load_state_dict({k: placed(t, device, dtype) for k, t in tensors.items()}, assign=True)
     unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unfilled:  # a tensor outside the state dict (non-persistent buffer): the loader cannot fill it
         raise CheckpointError(f"{what}: {examples(unfilled)} not in the state dict, cannot be loaded")
     return model.eval()
+
+
+def placed(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """t on `device` in `dtype`: moved first, then cast there (on a GPU, not in host memory). Off the CPU it holds its
+    own memory: a view of a larger buffer (a file's data read whole to the GPU) is copied, so the buffer can go."""
+    moved = t.to(device)
+    out = moved.to(dtype)
+    if out.device.type != "cpu" and out.untyped_storage().nbytes() > out.nbytes:
+        out = out.clone()
+    return out
 
 
 def check_state_dict(model: nn.Module, tensors: dict, what: str) -> None:

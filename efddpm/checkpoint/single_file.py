@@ -52,9 +52,10 @@ OTHER_FAMILIES = (
 )
 
 
-def read_single_file(path: Path, *, unet_weights: str) -> Weights:
-    """The weights and configs of a single file; unet_weights "ema" or "raw" as in load()."""
-    tensors, metadata = read_tensors(path)
+def read_single_file(path: Path, *, unet_weights: str, device=None) -> Weights:
+    """The weights and configs of a single file; unet_weights "ema" or "raw" as in load(); device: where to read
+    the tensors to (efddpm.checkpoint.tensors.read_tensors)."""
+    tensors, metadata = read_tensors(path, device)
     _refuse_other_family(tensors, path.name)
     unet, ema, vae, text, unexpected = {}, {}, {}, {}, []
     for key, t in tensors.items():
@@ -87,7 +88,7 @@ def read_single_file(path: Path, *, unet_weights: str) -> Weights:
         vae=(configs.get("vae") or infer_vae_config(vae, path.name), vae),
         text_encoder=(configs.get("text_encoder") or infer_clip_config(text, path.name), text),
         tokenizer=load_tokenizer(CLIPTokenizer.bundled, path.name),
-        alphas_cumprod=None if alphas_cumprod is None else alphas_cumprod.clone(),
+        alphas_cumprod=None if alphas_cumprod is None else alphas_cumprod.cpu().clone(),
         image_size=configs.get("image_size", SD1_IMAGE_SIZE), defaults=configs.get("defaults", {}))
 
 

@@ -189,7 +189,7 @@ StepCallback = Callable[[int, Tensor], Tensor]        # (n, x_{n-1} [K, ...]) ->
 def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guidance=None, *,
                skip: int = 0, eta: float | None = None, reference_direction: bool | None = None,
                zero_last_noise: bool = False, noise_edit: NoiseEdit | None = None,
-               step_callback: StepCallback | None = None) -> Tensor:
+               step_callback: StepCallback | None = None, noise_ready: Callable[[int], None] | None = None) -> Tensor:
     """Replay eq. 3 with the code's noise maps: x_{t-1} = mu_t(x_t) + sigma_t z_t.
 
     cond: [K or 1, ...] target condition(s); guidance: a number or one per target ([K]); None
@@ -200,7 +200,8 @@ def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guid
     authors' choice; the output then differs from x_0 by sigma_1 z_1). noise_edit(n, z_n, P):
     replaces z_n before it is used, for manipulations (n is the paper's t, from N-skip down to 1).
     step_callback(n, x): replaces x_{n-1} after each step (Prompt-to-Prompt's local blend and step count,
-    efddpm.method.p2p). Returns x_0 [K, ...] in the code's dtype.
+    efddpm.method.p2p). noise_ready(n): called before z_n is first read (efddpm.app.overlap: the inversion that
+    writes it may still be running on another CUDA stream). Returns x_0 [K, ...] in the code's dtype.
     """
     st = code.settings
     schedule = code.schedule
@@ -221,9 +222,13 @@ def regenerate(f: NoisePredictor, code: LatentCode, cond=None, uncond=None, guid
     k = max(batch)
     start = code.x_T if skip == 0 else code.xts[n_steps - skip]            # x_t at t = ts[skip]
     x = rows(start.to(code.zs.dtype), k)                                   # [K, ...]
+    if isinstance(guidance, (list, tuple)):                                # one weight per target: on x's device once
+        guidance = torch.tensor(guidance, dtype=x.dtype, device=x.device)
     for n in range(n_steps - skip, 0, -1):                                 # paper's t = n
         s = step_coefficients(abar, ts[n_steps - n], n_steps, schedule, eta, reference_direction)
         eps = guided_eps(f, x, s.t, cond, uncond, guidance)                # f_t(x_t), [K, ...]
+        if noise_ready is not None:
+            noise_ready(n)
         z = rows(code.zs[n - 1], k)                                        # z_n, [K, ...]
         if zero_last_noise and n == 1:
             z = torch.zeros_like(z)

@@ -53,12 +53,21 @@ def guided_eps(f: NoisePredictor, x: Tensor, t: int | Tensor, cond: Tensor | Non
     row ([K]). Returns eps [K, ...] in x's dtype.
     """
     k = x.shape[0]
-    tt = torch.as_tensor(t, dtype=torch.long, device=x.device).expand(k)       # [K]
     if cond is None or uncond is None or guidance is None:                    # no guidance term
-        return f(x, tt, rows(cond if cond is not None else uncond, k)).to(x.dtype)
-    both = f(torch.cat([x, x]), torch.cat([tt, tt]),                          # [2K, ...]
+        return f(x, timestep_rows(t, k, x.device), rows(cond if cond is not None else uncond, k)).to(x.dtype)
+    both = f(torch.cat([x, x]), timestep_rows(t, 2 * k, x.device),           # [2K, ...]
              torch.cat([rows(uncond, k), rows(cond, k)]))
     f_u, f_c = both.to(x.dtype).chunk(2)                                      # [K, ...] each
-    w = torch.as_tensor(guidance, dtype=x.dtype, device=x.device)
-    w = w.reshape(-1, *([1] * (x.dim() - 1)))                                 # [K or 1, 1, ...]
-    return f_u + w * (f_c - f_u)
+    if not isinstance(guidance, (int, float)):                                # one weight per row
+        guidance = torch.as_tensor(guidance, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 1)))
+    return f_u + guidance * (f_c - f_u)
+
+
+def timestep_rows(t: int | Tensor, k: int, device: torch.device) -> Tensor:
+    """t (one timestep, or one per row [K]) as int64 [k] on `device`: a number becomes a filled tensor, never a copy
+    from the host, so a step does not wait for the GPU (a copy from pageable memory synchronizes), and the
+    inversion on one CUDA stream can run ahead of the regeneration on another."""
+    if isinstance(t, Tensor) and t.dim() > 0:
+        t = t.to(device=device, dtype=torch.long)
+        return t if t.shape[0] == k else t.repeat(k // t.shape[0])           # [K] -> [2K]: [t; t]
+    return torch.full((k,), int(t), dtype=torch.long, device=device)
