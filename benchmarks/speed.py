@@ -7,7 +7,8 @@ memory, compile warm-up, efddpm's fp16-vs-fp32 deviation and its fp32 reconstruc
 of the `efddpm edit` command (process start to PNG, weights on disk).
 
     python benchmarks/speed.py                  # everything but the compiled variants (~5 min on an H100)
-    python benchmarks/speed.py --compiled       # torch.compile rows only (efddpm and diffusers; compile is slow)
+    python benchmarks/speed.py --compiled       # torch.compile rows only: diffusers, and efddpm in two fresh processes
+                                                # sharing a fresh compile cache (the second reads it)
     python benchmarks/speed.py --p2p            # efddpm only: the edit with Prompt-to-Prompt beside the plain edit
 
 Needs a CUDA GPU; diffusers and transformers only for the baseline rows (benchmark-only dependencies).
@@ -15,6 +16,7 @@ Needs a CUDA GPU; diffusers and transformers only for the baseline rows (benchma
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,9 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from efddpm import AutoencoderKL, CLIPTextModel, CLIPTokenizer, Editor, StableDiffusionModels, UNet  # noqa: E402
-from efddpm.checkpoint import save_single_file  # noqa: E402
 from efddpm.method.p2p import P2P  # noqa: E402
 from efddpm.method.scheduler import diffusers_config  # noqa: E402
 
@@ -65,7 +68,13 @@ def efddpm_models(dtype: torch.dtype) -> StableDiffusionModels:
     return StableDiffusionModels(*models, CLIPTokenizer.bundled(), None, None, "random SD1.x")
 
 
-def efddpm_edit(editor: Editor, image: Image.Image, seed: int = 0, p2p: P2P | None = None) -> torch.Tensor:
+def efddpm_edit(editor: Editor, image: Image.Image, seed: int = 0, p2p: P2P | None = None,
+                overlap: bool = True) -> torch.Tensor:
+    """The reference edit: Editor.invert_and_edit (on the fast path the inversion overlaps the regeneration), or
+    (overlap False) Editor.invert then Editor.edit, one after the other."""
+    if overlap:
+        return editor.invert_and_edit(image, SOURCE, TARGET, steps=STEPS, source_guidance=W_SRC, guidance=W_TGT,
+                                      skip=SKIP, seed=seed, output="tensor", p2p=p2p)[0]
     code = editor.invert(image, SOURCE, steps=STEPS, guidance=W_SRC, seed=seed, skip=SKIP)
     return editor.edit(code, TARGET, guidance=W_TGT, skip=SKIP, output="tensor", p2p=p2p)
 
@@ -142,16 +151,20 @@ def eager_rows(res: dict, image: Image.Image) -> None:
     torch.cuda.empty_cache()
 
     models = efddpm_models(torch.float16)
-    for name, fast, channels_last in (("efddpm_fp16_plain", False, False), ("efddpm_fp16_fast_contiguous", True, False),
-                                      ("efddpm_fp16_fast", True, True)):  # the last: what from_pretrained gives
+    for name, fast, channels_last, overlap in (
+            ("efddpm_fp16_plain", False, False, False), ("efddpm_fp16_fast_sequential", True, True, False),
+            ("efddpm_fp16_fast", True, True, True)):  # the last: what from_pretrained and the command give
         models.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         editor = Editor(models, torch.float16, fast=fast)
+        job = lambda: efddpm_edit(editor, image, overlap=overlap)
         start = time.perf_counter()
-        efddpm_edit(editor, image)  # warm-up: CUDA graph capture, cuDNN kernel selection
+        job()  # warm-up: CUDA graph capture, cuDNN kernel selection
         torch.cuda.synchronize()
         res[f"{name}_warmup_s"] = time.perf_counter() - start
-        res[f"{name}_s"] = timed(lambda: efddpm_edit(editor, image))
-        res[f"{name}_peak_GiB"] = peak_gib(lambda: efddpm_edit(editor, image))
+        res[f"{name}_s"] = timed(job, 5)
+        res[f"{name}_peak_GiB"] = peak_gib(job)
+        if name == "efddpm_fp16_fast":
+            phase_rows(res, editor, image)
         print(json.dumps({k: v for k, v in res.items() if k.startswith(name)}), flush=True)
         del editor
         gc.collect()
@@ -188,19 +201,38 @@ def eager_rows(res: dict, image: Image.Image) -> None:
             mem[b] = round((torch.cuda.max_memory_allocated() - base) / 2**20 / b, 1)
     res["efddpm_unet_fp16_eager_ms_by_batch"], res["efddpm_unet_fp16_activation_MiB_per_sample"] = lat, mem
 
-    # cold start: `efddpm edit` from process start to PNG, weights already on disk
+    # cold start: `efddpm edit` from process start to PNG, weights on disk (benchmarks/cold_start.py: phases too)
+    from cold_start import command_seconds, phases, write_checkpoints
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sd1-random.safetensors"
-        save_single_file(path, models.unet, models.vae, models.text_encoder)
-        image.save(Path(tmp) / "cat.png")
-        cmd = [sys.executable, "-m", "efddpm", "edit", str(Path(tmp) / "cat.png"), "--source", SOURCE, "--target",
-               TARGET, "--model", str(path), "--out", tmp, "--seed", "0", "--quiet", "--overwrite"]
-        for run in ("first", "second"):
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-            res[f"cold_start_{run}_s"] = time.perf_counter() - start
-            if proc.returncode:
-                res["cold_start_error"] = proc.stderr[-2000:]
+        folder = Path(tmp)
+        checkpoints = write_checkpoints(folder)
+        for path in folder.rglob("*.safetensors"):
+            path.read_bytes()                                       # into the page cache
+        for name, model in checkpoints.items():
+            res[f"cold_start_{name}_s"] = [command_seconds(model, folder, ROOT) for _ in range(2)]
+            res[f"cold_start_{name}_phases_s"] = phases(model, folder, ROOT)
+
+
+def phase_rows(res: dict, editor: Editor, image: Image.Image) -> None:
+    """Where a warm edit's time goes, each phase alone (synchronised): VAE encode, the batched inversion, the
+    graph-replayed regeneration, VAE decode; and the UNet's work against the GPU's bf16 peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x0, _ = editor.encode_image(image)
+    code = editor.invert(image, SOURCE, steps=STEPS, guidance=W_SRC, seed=0, skip=SKIP)
+    latents = editor.regenerate(code, TARGET, guidance=W_TGT, skip=SKIP)
+    res["phase_encode_s"] = timed(lambda: editor.encode_image(image), 5)
+    res["phase_inversion_s"] = timed(lambda: editor.invert(image, SOURCE, steps=STEPS, guidance=W_SRC, seed=0,
+                                                           skip=SKIP), 5)
+    res["phase_regeneration_s"] = timed(lambda: editor.regenerate(code, TARGET, guidance=W_TGT, skip=SKIP), 5)
+    res["phase_decode_s"] = timed(lambda: editor.decode(latents), 5)
+    unet = editor.models.unet
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        unet(x0.half().to(memory_format=torch.channels_last), torch.tensor([500], device=DEV),
+             torch.zeros(1, 77, 768, device=DEV, dtype=torch.float16))
+    samples = 2 * 2 * (STEPS - SKIP)                                   # inversion + regeneration, guided
+    res["unet_tflop_per_edit"] = counter.get_total_flops() * samples / 1e12
+    res["unet_tflop_per_s_in_the_edit"] = res["unet_tflop_per_edit"] / res["efddpm_fp16_fast_s"]
+    print(json.dumps({k: v for k, v in res.items() if k.startswith(("phase", "unet_tflop"))}), flush=True)
 
 
 def compiled_rows(res: dict, image: Image.Image) -> None:
@@ -218,20 +250,43 @@ def compiled_rows(res: dict, image: Image.Image) -> None:
     torch._dynamo.reset()
     torch.cuda.empty_cache()
 
+    # efddpm compiled, in two fresh processes sharing a fresh cache: the first compiles, the second reads the cache
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        for run in ("first", "second"):
+            proc = subprocess.run([sys.executable, __file__, "--compiled-child"], capture_output=True, text=True,
+                                  env=env, cwd=ROOT)
+            if proc.returncode:
+                sys.exit(f"the compiled child failed: {proc.stderr[-3000:]}")
+            child = json.loads(proc.stdout.strip().splitlines()[-1])
+            res.update({f"efddpm_fp16_fast_compiled_{k}_{run}_process": v for k, v in child.items()})
+            print(json.dumps(child), flush=True)
+    res["efddpm_fp16_fast_compiled_s"] = res["efddpm_fp16_fast_compiled_s_second_process"]
+    res["efddpm_fp16_fast_s"] = res["efddpm_fp16_fast_eager_s_second_process"]
+
+
+def compiled_child() -> None:
+    """One process of the compiled rows: Editor.compile() (efddpm.app.fast.compiled: PyTorch's persistent caches
+    in TORCHINDUCTOR_CACHE_DIR), the warm-up edit (compiling or reading the cache, and capturing the graphs), warm
+    edits, peak memory; then the same weights eager in this process (the baseline of the same run)."""
+    gen = np.random.default_rng(0)
+    image = Image.fromarray(gen.integers(0, 256, (512, 512, 3), dtype=np.uint8))
     models = efddpm_models(torch.float16)
-    models.unet = torch.compile(models.unet.to(memory_format=torch.channels_last), fullgraph=True)
-    editor = Editor(models, torch.float16, fast=True)
+    models.unet.to(memory_format=torch.channels_last)
+    res = {}
+    editor = Editor(models, torch.float16, fast=True).compile()
     start = time.perf_counter()
     efddpm_edit(editor, image)
     torch.cuda.synchronize()
-    res["efddpm_fp16_fast_compiled_warmup_s"] = time.perf_counter() - start
-    res["efddpm_fp16_fast_compiled_s"] = timed(lambda: efddpm_edit(editor, image))
-    res["efddpm_fp16_fast_compiled_peak_GiB"] = peak_gib(lambda: efddpm_edit(editor, image))
-    models.unet = models.unet._orig_mod  # the same weights, eager: the default fast path, in this run too
+    res["warmup_s"] = time.perf_counter() - start
+    res["s"] = timed(lambda: efddpm_edit(editor, image), 5)
+    res["sequential_s"] = timed(lambda: efddpm_edit(editor, image, overlap=False), 5)
+    res["peak_GiB"] = peak_gib(lambda: efddpm_edit(editor, image))
+    models.unet = models.unet._orig_mod  # the same weights, eager
     editor = Editor(models, torch.float16, fast=True)
     efddpm_edit(editor, image)
-    res["efddpm_fp16_fast_s"] = timed(lambda: efddpm_edit(editor, image))
-    res["efddpm_fp16_fast_peak_GiB"] = peak_gib(lambda: efddpm_edit(editor, image))
+    res["eager_s"] = timed(lambda: efddpm_edit(editor, image), 5)
+    print(json.dumps(res))
 
 
 def p2p_rows(res: dict, image: Image.Image) -> None:
@@ -258,7 +313,10 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help="only the torch.compile rows")
     parser.add_argument("--p2p", action="store_true", help="only the Prompt-to-Prompt rows (efddpm alone)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--compiled-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compiled_child:
+        return compiled_child()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/speed.py needs a CUDA GPU")
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -267,7 +325,7 @@ def main() -> None:
     (compiled_rows if args.compiled else p2p_rows if args.p2p else eager_rows)(res, image)
     for ours, theirs in (("efddpm_fp16_fast_s", "diffusers_fp16_eager_s"),
                          ("efddpm_fp16_fast_s", "diffusers_fp16_eager_skip_unused_s"),
-                         ("efddpm_fp16_fast_contiguous_s", "diffusers_fp16_eager_s"),
+                         ("efddpm_fp16_fast_sequential_s", "diffusers_fp16_eager_s"),
                          ("efddpm_fp16_plain_s", "diffusers_fp16_eager_s"),
                          ("efddpm_fp16_fast_compiled_s", "diffusers_fp16_compiled_s"),
                          ("efddpm_fp16_fast_s", "diffusers_fp16_compiled_s"),

@@ -151,3 +151,58 @@ def test_prompt_to_prompt_with_a_compiled_unet():
     print(f"compiled vs eager, max abs image difference: {errors}")
     assert max(errors.values()) <= 1e-2
     assert (compiled["p2p"] - compiled["plain"]).abs().max() >= 0.1
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not present")
+def test_overlapped_edit_is_the_sequential_edit_bit_for_bit_and_never_waits_for_the_gpu():
+    """Editor.invert_and_edit on the fast path (fp16: the inversion batched 16 timesteps a call on a side stream, the
+    regeneration graph-replayed on the current one) gives the bytes of invert then edit. And the loops queue their
+    work without one host synchronisation (torch's sync debug mode set to raise): the method-level calls it runs."""
+    from functools import partial
+    from efddpm.app.overlap import PendingNoise
+    from efddpm.method.inversion import edit_friendly_inversion, regenerate
+    editor = Editor.from_pretrained(str(DEFAULT_MODEL), device="cuda", dtype=torch.float16)
+    picture = world.heldout_pictures(1, seed=5)[0]
+    image, source, target = world.render(picture), picture.caption, world.edit_targets(picture)[0].caption
+    code = editor.invert(image, source, steps=100, guidance=3.5, seed=3, skip=36)
+    sequential = editor.edit(code, target, guidance=7.5, skip=36, output="tensor")
+    overlapped, pending_code = editor.invert_and_edit(image, source, target, steps=100, source_guidance=3.5,
+                                                      guidance=7.5, skip=36, seed=3, output="tensor")
+    assert code.settings["chunk"] == 16 and torch.equal(overlapped, sequential)
+    assert torch.equal(pending_code.zs[:64], code.zs[:64]) and torch.equal(pending_code.xts, code.xts)
+
+    x0, _ = editor.encode_image(image)
+    cond, uncond, tgt = editor.encode_prompts(source), editor.encode_prompts(""), editor.encode_prompts(target)
+    f_batched, f_graphed = editor.noise_predictor(), editor.noise_predictor(graphed=True)
+
+    def overlapped_latents():
+        pending = PendingNoise(torch.cuda.Stream())
+        generator = torch.Generator("cuda").manual_seed(3)
+        c = edit_friendly_inversion(f_batched, x0, cond, uncond, 3.5, num_steps=100, skip=36, generator=generator,
+                                    extract=partial(pending.extract, chunk=16))
+        out = regenerate(f_graphed, c, tgt, uncond, 7.5, skip=36, noise_ready=pending.wait)
+        pending.finish()
+        return out
+    expected = overlapped_latents()                          # warm: graphs captured, kernels chosen
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        latents = overlapped_latents()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(latents, expected)
+    assert torch.equal(editor.decode(latents), sequential)
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not present")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_a_single_file_read_straight_to_the_gpu_holds_the_cpu_readers_weights(dtype):
+    """load(device="cuda") reads a .safetensors file through pinned buffers into GPU memory and casts there; the
+    weights equal the CPU reader's cast on the CPU, bit for bit (the embedded model's fp16 file; IEEE rounding is the
+    same on both)."""
+    from efddpm.checkpoint import load
+    gpu, cpu = load(DEFAULT_MODEL, device="cuda", dtype=dtype), load(DEFAULT_MODEL, dtype=dtype)
+    for a, b in ((gpu.unet, cpu.unet), (gpu.vae, cpu.vae), (gpu.text_encoder, cpu.text_encoder)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert x.is_cuda and x.dtype == y.dtype and torch.equal(x.cpu(), y), name
+            assert x.untyped_storage().nbytes() == x.nbytes, name      # its own memory, not the file's buffer

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from efddpm.app import prompt_to_prompt
-from efddpm.app.fast import GraphedUNet, extract_noise_batched, inversion_chunk
+from efddpm.app.fast import GraphedUNet, compiled, extract_noise_batched, inversion_chunk
 from efddpm.app.images import load_image, load_mask, to_pil
 from efddpm.app.overlap import PendingNoise
 from efddpm.app.networks import Progress, decode_latents, encode_pictures, encode_prompts, unet_predictor
@@ -100,6 +100,15 @@ class Editor:
         if fast:
             models.unet.to(memory_format=torch.channels_last)
         return cls(models, dtype, fast=fast)
+
+    def compile(self) -> "Editor":
+        """torch.compile the UNet (efddpm.app.fast.compiled: persistent caches); the first edit of each shape
+        compiles. Needs the fast path (CUDA). Returns self."""
+        if not self.fast:
+            raise InputError(f"compiling needs the models on a CUDA device; they are on {self.device}")
+        self.models.unet = compiled(self.models.unet)
+        self.graphed_unet = None
+        return self
 
     @property
     def device(self) -> torch.device:

@@ -18,6 +18,8 @@ Nothing here changes a formula; tests/test_fast_path.py checks the batched inver
 Algorithm 1 on the CPU, benchmarks/speed.py measures it on a GPU.
 """
 import contextlib
+import os
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -57,6 +59,18 @@ def exact_float32(dtype: torch.dtype):
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def compiled(unet: nn.Module) -> nn.Module:
+    """torch.compile(unet, fullgraph=True, dynamic=False): one static graph per input shape (the inversion's batch
+    and the regeneration's), which GraphedUNet then captures in CUDA graphs. PyTorch's persistent caches (FX graph,
+    AOTAutograd, Triton kernels) go to TORCHINDUCTOR_CACHE_DIR, by default ~/.cache/efddpm/torchinductor (not /tmp,
+    which is cleared): the first process on a machine compiles (~2 minutes for SD1.x), later ones trace the model
+    again but read the compiled kernels from there (~20 s)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "efddpm" / "torchinductor"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    return torch.compile(unet, fullgraph=True, dynamic=False)
 
 
 class GraphedUNet:

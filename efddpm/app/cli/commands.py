@@ -56,11 +56,11 @@ def edit_one(args, editor, image, source: str, targets: list[str], guidances: li
     of its own)."""
     edits, inversions = [], []
     with Progress(len(seeds) * 2 * (args.steps - args.skip), args.quiet or not chatty) as progress:
-        for seed in seeds:   # inversion and edit: steps - skip network calls each
-            code = editor.invert(image, source, steps=args.steps, guidance=args.cfg_src, eta=args.eta,
-                                 seed=None if noise is not None else seed, noise=noise, size=args.size,
-                                 skip=args.skip, progress=progress)
-            images = editor.edit(code, targets, guidance=guidances, skip=args.skip, progress=progress, p2p=p2p)
+        for seed in seeds:   # inversion and edit (overlapped on a GPU): steps - skip network calls each
+            images, code = editor.invert_and_edit(
+                image, source, targets, steps=args.steps, source_guidance=args.cfg_src, guidance=guidances,
+                skip=args.skip, eta=args.eta, seed=None if noise is not None else seed, noise=noise, size=args.size,
+                progress=progress, p2p=p2p)
             inversions.append(code.settings)
             for target, guidance, img in zip(targets, guidances, images):
                 edits.append((img, edit_record(args, image, source, target, guidance, code.settings, img, p2p)))

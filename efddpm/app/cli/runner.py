@@ -10,7 +10,9 @@ many items that records each one and may resume, has its own: efddpm.app.dataset
 Every output's metadata is assembled here (record), from the settings its command gives it.
 """
 import json
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -56,8 +58,12 @@ def run(command: Callable[..., Plan], args) -> None:
     if plan.check is not None:
         plan.check(editor)
     warn_long_prompts(editor, plan.prompts)
+    start = time.perf_counter()
     try:
         for outputs in plan.work(editor):
+            if getattr(args, "compile", False) and start is not None:
+                note(args, f"the first outputs, compiling included, took {time.perf_counter() - start:.1f} s")
+                start = None
             write(args, editor, outputs)
     except (MemoryError, torch.OutOfMemoryError) as e:
         raise checks.out_of_memory(e) from None
@@ -82,7 +88,13 @@ def load_editor(args, model: str | None = None):
     if not args.quiet and not (model or args.model):
         print(f"efddpm: using the embedded shapes model ({DEFAULT_MODEL.name}); real photos need SD1.5, "
               "e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5", file=sys.stderr)
+    if getattr(args, "compile", False) and device.type != "cuda":
+        raise UsageError(f"--compile needs a CUDA --device, got {device}")
     editor = Editor.from_pretrained(source, device=device, dtype=DTYPES[dtype_name])
+    if getattr(args, "compile", False):
+        editor.compile()
+        note(args, f"compiling the UNet (torch.compile) on its first calls: ~2 minutes the first time on this "
+                   f"machine, ~20 s once PyTorch's cache holds it ({os.environ['TORCHINDUCTOR_CACHE_DIR']})")
     if getattr(args, "size", None) is not None:
         args.size = editor.check_size(args.size, "--size", samples=2 * max(1, len(getattr(args, "target", None) or [1])))
     return editor
