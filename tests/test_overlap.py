@@ -48,10 +48,12 @@ def overlapped(setup, log=None, wait=True):
     unet, _, _, uncond, target = setup
     pending = PendingNoise(stream=None)
     code = invert(network(unet, log), setup, partial(pending.extract, chunk=CHUNK))
-    out = regenerate(network(unet, log), code, target, uncond, 15.0, skip=SKIP,
-                     noise_ready=pending.wait if wait else None)
-    pending.finish()
-    return out, code
+    run = partial(regenerate, network(unet, log), code, target, uncond, 15.0, skip=SKIP)
+    if not wait:
+        out = run()
+        pending.finish()
+        return out, code
+    return pending.regenerating(run), code
 
 
 def test_the_same_bits_as_inverting_then_regenerating(setup):
@@ -74,6 +76,10 @@ def test_the_regeneration_starts_before_the_inversion_ends(setup):
     first_step, last_chunk = kinds.index("regeneration"), len(kinds) - 1 - kinds[::-1].index("inversion")
     assert first_step < last_chunk
     assert kinds.count("regeneration") == STEPS - SKIP
+    # pulled lazily, one chunk ahead: a chunk is computed only once the regeneration is within a chunk of needing it
+    # (so that on a GPU the side stream has the next chunk queued, and the host never runs the whole inversion first)
+    steps_before = [kinds[:i].count("regeneration") for i, kind in enumerate(kinds) if kind == "inversion"]
+    assert steps_before == [max(1, 1 + CHUNK * (k - 1)) if k else 1 for k in range(len(steps_before))]
 
 
 def test_no_step_reads_a_noise_map_before_it_is_written(setup):

@@ -341,10 +341,10 @@ class Editor(Manipulations):
         guidance = None if guidance is None else _guidance_list(guidance, len(prompts))
         eta = None if eta is None else checks.eta(eta)
         f = self.noise_predictor(progress, graphed=True)
-        latents = regenerate(f, code.to(self.device), self.encode_prompts(prompts), self.encode_prompts(""), guidance,
-                             skip=skip, eta=eta, noise_ready=overlap.wait if pending else None, **options)  # [K, 4, h, w]
+        run = partial(regenerate, f, code.to(self.device), self.encode_prompts(prompts), self.encode_prompts(""),
+                      guidance, skip=skip, eta=eta, **options)
+        latents = overlap.regenerating(run) if pending else run()          # [K, 4, h, w]
         if pending:
-            overlap.finish()
             code.check()
         return self.check_output(latents)
 
