@@ -61,10 +61,10 @@ class LatentCode:
         return ScheduleConfig(**self.settings.get("schedule", {}))
 
     def to(self, device: str | torch.device) -> "LatentCode":
-        """The same code with its tensors on `device`."""
+        """The same code with its tensors on `device`; the timestep grid stays on the host, where the loops read it
+        (reading it from a GPU would make the host wait for the GPU)."""
         xts = self.xts.to(device)
-        return LatentCode(self.x_T.to(device), self.zs.to(device), xts, self.timesteps.to(device),
-                          dict(self.settings))
+        return LatentCode(self.x_T.to(device), self.zs.to(device), xts, self.timesteps.cpu(), dict(self.settings))
 
     def save(self, path: str, overwrite: bool = True) -> None:
         """Write a .safetensors file, atomically (efddpm.core.atomic); the settings go in its metadata as JSON."""
