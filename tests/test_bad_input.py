@@ -473,6 +473,12 @@ def test_api_refuses_non_finite_and_out_of_range_numbers(editor, picture, api_co
             editor.invert(picture, "a red square", **{"steps": 12, **kwargs})
     with pytest.raises(InputError, match="'bogus' is not a device"):
         Editor.from_pretrained("whatever", device="bogus")
+    with pytest.raises(InputError, match="compiling needs the models on a CUDA device; they are on cpu"):
+        editor.compile()
+    for kwargs, words in (({"skip": 12}, "skip must be in 0..11"), ({"source_guidance": float("nan")},
+                                                                     "guidance must be a finite number")):
+        with pytest.raises(InputError, match=re.escape(words)):
+            editor.invert_and_edit(picture, "a red square", "a", steps=12, seed=0, **kwargs)
 
 
 def test_api_refuses_bad_p2p_settings(editor, api_code):

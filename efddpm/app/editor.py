@@ -102,6 +102,9 @@ class Editor(Manipulations):
         compiles. Needs the fast path (CUDA). Returns self."""
         if not self.fast:
             raise InputError(f"compiling needs the models on a CUDA device; they are on {self.device}")
+        from torch._dynamo.eval_frame import OptimizedModule               # (not at import: it costs ~1 s)
+        if isinstance(self.models.unet, OptimizedModule):
+            return self                                                     # compiled already
         self.models.unet = compiled(self.models.unet)
         self.graphed_unet = None
         return self
