@@ -241,12 +241,13 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path, capsy
 
 
 def test_a_run_of_an_earlier_version_resumes(tmp_path, capsys, model):
-    """Its manifest lacks the settings added since (method, batch_size): read as what that run did, it resumes, its
-    outputs kept, and the merged manifest records them."""
+    """Its manifest lacks the settings added since (method, batch_size, compile): read as what that run did, it
+    resumes, its outputs kept, and the merged manifest records them."""
     path = listing(tmp_path, pictures(tmp_path, IDS[:2]))
     out = tmp_path / "out"
     assert batch(capsys, path, out, model, "--seed", "3")[0] == 0
-    old = [{**line, "settings": {k: v for k, v in line["settings"].items() if k not in ("method", "batch_size")}}
+    old = [{**line, "settings": {k: v for k, v in line["settings"].items()
+                                 if k not in ("method", "batch_size", "compile")}}
            for line in lines(out / "manifest.jsonl")]
     (out / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in old))
     before = pngs(out)

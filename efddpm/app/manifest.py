@@ -35,7 +35,7 @@ from efddpm.core.atomic import OutputError, write_atomically
 MANIFEST = "manifest.jsonl"
 # run settings that later versions added, as the runs that recorded none of them made their pictures: every batch
 # edited one picture at a time (the bytes of --batch-size 1) by edit-friendly inversion
-ADDED_SETTINGS = {"method": "edit-friendly", "batch_size": 1}
+ADDED_SETTINGS = {"method": "edit-friendly", "batch_size": 1, "compile": False}
 PART = re.compile(r"manifest\.shard-(\d+)-of-(\d+)\.jsonl")
 KINDS = ("run", "output", "failed", "summary")
 

@@ -21,8 +21,9 @@ from efddpm.method.p2p import P2P, defaults_for, mode
 
 TILE_KEYS = ("target", "cfg_tgt", "seed", "inversion", "p2p")   # the settings of an edit that differ between tiles
 RUN_KEYS = ("method", "steps", "skip", "cfg_src", "cfg_tgt", "eta", "size", "p2p", "xa", "sa", "p2p_window", "blend",
-            "reweight", "batch_size")
+            "reweight", "batch_size", "compile")
 # batch: the flags that make its pictures, with the model, device type and dtype, make a dataset run's settings
+# (batch_size and compile too: in half precision the batch and the kernels decide the rounding)
 
 
 def output_names(out: Path, stem: str, n_targets: int, seeds: list[int]) -> list[Path]:
