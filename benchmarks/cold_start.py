@@ -1,7 +1,8 @@
 """Where the seconds of a cold `efddpm edit` go: the command itself from process start to PNG (weights on disk, read
 once before so they sit in the page cache, as on a machine that used them lately), and the same job in phases in a
-fresh process: interpreter, import torch, import efddpm, CUDA context, read + build the models, the first edit
-(cuDNN/cuBLAS kernel choice, CUDA graph capture), a warm edit, the PNG.
+fresh process, cumulative seconds: import torch, import efddpm, CUDA context, a first few kernels, the single file
+read to the GPU alone (then dropped), read + build the models, the first edit (cuDNN/cuBLAS kernel choice, CUDA graph
+capture), a warm edit, the PNG.
 
 The checkpoint: SD1.x-sized random weights in fp16, the original single-file layout (2.1 GB), and the same models
 as a diffusers folder. The job: benchmarks/speed.py's reference edit (512x512, 100 steps, skip 36, 3.5 / 15).
@@ -33,6 +34,12 @@ import torch; mark("import_torch")
 import efddpm.__main__
 from efddpm import Editor; mark("import_efddpm")
 torch.cuda.init(); torch.empty(1, device="cuda"); mark("cuda_context")
+(torch.ones(4, device="cuda") * 2).half().sum().item(); mark("first_kernels")
+from pathlib import Path
+from efddpm.checkpoint.tensors import read_tensors
+if Path(sys.argv[1]).is_file():            # the single file's read alone (load_models reads it again)
+    tensors = read_tensors(Path(sys.argv[1]), torch.device("cuda"))[0]; torch.cuda.synchronize(); del tensors
+    mark("read_file_to_gpu")
 editor = Editor.from_pretrained(sys.argv[1], device="cuda", dtype=torch.float16); torch.cuda.synchronize()
 mark("load_models")
 def edit():
