@@ -93,8 +93,8 @@ def load_editor(args, model: str | None = None):
     editor = Editor.from_pretrained(source, device=device, dtype=DTYPES[dtype_name])
     if getattr(args, "compile", False):
         editor.compile()
-        note(args, f"compiling the UNet (torch.compile) on its first calls: ~2 minutes the first time on this "
-                   f"machine, ~20 s once PyTorch's cache holds it ({os.environ['TORCHINDUCTOR_CACHE_DIR']})")
+        note(args, f"compiling the UNet (torch.compile) on its first calls: a minute or two the first time on this "
+                   f"machine, ~15 s once PyTorch's cache holds it ({os.environ['TORCHINDUCTOR_CACHE_DIR']})")
     if getattr(args, "size", None) is not None:
         args.size = editor.check_size(args.size, "--size", samples=2 * max(1, len(getattr(args, "target", None) or [1])))
     return editor
