@@ -51,8 +51,9 @@ class PendingNoise:
             group = next(self.chunks, None)
             if group is None:
                 return False
-            event = torch.cuda.Event() if self.stream is not None else None
-            if event is not None:
+            event = None
+            if self.stream is not None:
+                event = torch.cuda.Event()
                 event.record(self.stream)
         self.ready.update(dict.fromkeys(group, event))
         return True

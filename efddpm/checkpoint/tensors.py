@@ -7,6 +7,7 @@ device a .safetensors file is read straight to the GPU (read_safetensors_to): it
 through two pinned buffers, each copied asynchronously while the next is read, into one device buffer that the
 tensors view; no copy of the weights is made in host memory, and the dtype is cast on the GPU by the loader."""
 import json
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -130,11 +131,9 @@ def _entries(header: dict, bad) -> dict:
             dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise bad(f"entry {name!r} is not a tensor of a known dtype ({str(entry)[:80]})") from None
-        count = 1
-        for n in shape:
-            count *= n
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
-                and all(isinstance(n, int) and n >= 0 for n in shape) and end - begin == count * dtype.itemsize):
+                and all(isinstance(n, int) and n >= 0 for n in shape)
+                and end - begin == math.prod(shape) * dtype.itemsize):
             raise bad(f"entry {name!r}: offsets {[begin, end]} do not hold {entry['dtype']} {shape}")
         entries[name] = (dtype, shape, begin, end)
     return entries

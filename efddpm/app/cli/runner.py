@@ -60,10 +60,9 @@ def run(command: Callable[..., Plan], args) -> None:
     warn_long_prompts(editor, plan.prompts)
     start = time.perf_counter()
     try:
-        for outputs in plan.work(editor):
-            if getattr(args, "compile", False) and start is not None:
+        for group, outputs in enumerate(plan.work(editor)):
+            if args.compile and group == 0:
                 note(args, f"the first outputs, compiling included, took {time.perf_counter() - start:.1f} s")
-                start = None
             write(args, editor, outputs)
     except (MemoryError, torch.OutOfMemoryError) as e:
         raise checks.out_of_memory(e) from None
@@ -88,10 +87,10 @@ def load_editor(args, model: str | None = None):
     if not args.quiet and not (model or args.model):
         print(f"efddpm: using the embedded shapes model ({DEFAULT_MODEL.name}); real photos need SD1.5, "
               "e.g. --model stable-diffusion-v1-5/stable-diffusion-v1-5", file=sys.stderr)
-    if getattr(args, "compile", False) and device.type != "cuda":
+    if args.compile and device.type != "cuda":
         raise UsageError(f"--compile needs a CUDA --device, got {device}")
     editor = Editor.from_pretrained(source, device=device, dtype=DTYPES[dtype_name])
-    if getattr(args, "compile", False):
+    if args.compile:
         editor.compile()
         note(args, f"compiling the UNet (torch.compile) on its first calls: a minute or two the first time on this "
                    f"machine, ~15 s once PyTorch's cache holds it ({os.environ['TORCHINDUCTOR_CACHE_DIR']})")
