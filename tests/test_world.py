@@ -28,13 +28,13 @@ def _raw(rng):
 
 
 def test_pictures_and_captions():
+    assert set(world.COLOUR_RANGES).isdisjoint(world.BACKGROUND_RANGES)   # hues on neutrals
     for p in world.pictures(200, seed=2):
-        assert p.colour != p.background
         half = p.size / 2
         assert world.MARGIN <= p.cx - half and p.cx + half <= world.DEFAULT_SIZE - world.MARGIN
         assert world.MARGIN <= p.cy - half and p.cy + half <= world.DEFAULT_SIZE - world.MARGIN
     assert world.caption("red", "circle", "white") == "a red circle on a white background"
-    assert world.caption("orange", "star", "gray") == "an orange star on a gray background"
+    assert world.caption("orange", "star", "black") == "an orange star on a black background"
     img = world.render(world.Picture("square", "blue", "white", 20, 32, 32))
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8
 
@@ -42,19 +42,19 @@ def test_pictures_and_captions():
 def test_a_caption_leaves_the_look_free():
     """Pictures with one caption and layout differ in colour (within the word's range), shading and background
     texture; a look seed fixes them, and changing the colour word keeps everything else."""
-    looks = [world.looks(world.Picture("circle", "red", "gray", 30, 32, 32, look)) for look in range(300)]
+    looks = [world.looks(world.Picture("circle", "red", "black", 30, 32, 32, look)) for look in range(300)]
     colours = np.array([lk.colour_rgb for lk in looks])                                # [300, 3]
     assert colours.std(axis=0)[0] > 20 and colours.std(axis=0).max() > 20                 # a range, not one value
     assert {lk.shading for lk in looks} == set(world.SHADINGS) and {lk.texture for lk in looks} == set(world.TEXTURES)
     for lk in looks:   # every colour is of its word and legible on its background
         assert pixels.colour_name(lk.colour_rgb) == "red"
         assert np.linalg.norm(np.subtract(lk.colour_rgb, lk.background_rgb)) >= world.MIN_CONTRAST
-    p = world.Picture("circle", "red", "gray", 30, 32, 32, 7)
+    p = world.Picture("circle", "red", "black", 30, 32, 32, 7)
     assert np.array_equal(world.render(p), world.render(p))
-    blue = world.Picture("circle", "blue", "gray", 30, 32, 32, 7)
+    blue = world.Picture("circle", "blue", "black", 30, 32, 32, 7)
     assert np.array_equal(world.render_background(p), world.render_background(blue))      # same background
     assert world.looks(p).shading == world.looks(blue).shading
-    textured = [world.render_background(world.Picture("circle", "red", "gray", 30, 32, 32, k)) for k in range(40)]
+    textured = [world.render_background(world.Picture("circle", "red", "black", 30, 32, 32, k)) for k in range(40)]
     assert sum(t.astype(float).std(axis=(0, 1)).max() > 2 for t in textured) >= 20      # most backgrounds vary
 
 
@@ -103,7 +103,7 @@ def test_measurements():
     assert pixels.shape_colour(img, np.zeros_like(mask)) is None
     assert pixels.shape_class(~np.ones_like(mask)) == (None, 0.0)
     colour_edit, shape_edit = world.edit_targets(p)
-    assert colour_edit.colour not in ("red", "white") and colour_edit.shape == "circle"
+    assert colour_edit.colour != "red" and colour_edit.shape == "circle"
     assert shape_edit.shape != "circle" and shape_edit.colour == "red"
     assert {(q.size, q.cx, q.cy, q.look) for q in (colour_edit, shape_edit)} == {(30, 32, 32, 0)}
 
@@ -128,8 +128,9 @@ def _nearest_with_caption(p: world.Picture, target: world.Picture, reach: int = 
 
 def test_recolour_within_contrast_says_where_the_nearest_target_picture_is():
     """The rule against a brute-force search: within contrast, the nearest picture with the target caption is the shape
-    in place (size within 2 px: anti-aliasing); beyond it, a smaller shape (the smallest, or at least 3 px smaller) or
-    one elsewhere. The first 4 held-out colour edits of each kind."""
+    in place (size within 1 px: anti-aliasing); beyond it, a smaller shape (the smallest, or at least 2 px smaller) or
+    one elsewhere. The first 4 held-out colour edits of each kind (beyond contrast, the world's are only 4-12% beyond:
+    the nearest shape is 2 px smaller, measured; on the older world's gray backgrounds it was the smallest)."""
     stream = ((p, world.edit_targets(p)[0]) for p in world.stream(0, "heldout"))
     edits = {True: [], False: []}
     for p, target in stream:
@@ -142,7 +143,7 @@ def test_recolour_within_contrast_says_where_the_nearest_target_picture_is():
         for p, target in pairs:
             size, cx, cy = _nearest_with_caption(p, target)
             if within:
-                assert (cx, cy) == (p.cx, p.cy) and abs(size - p.size) <= 2, (p, size, cx, cy)
+                assert (cx, cy) == (p.cx, p.cy) and abs(size - p.size) <= 1, (p, size, cx, cy)
             else:
                 moved = max(abs(cx - p.cx), abs(cy - p.cy)) > 2
-                assert size == world.SIZES[0] or size <= p.size - 3 or moved, (p, size, cx, cy)
+                assert size == world.SIZES[0] or size <= p.size - 2 or moved, (p, size, cx, cy)

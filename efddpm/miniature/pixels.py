@@ -28,7 +28,7 @@ HUE_SECTORS = (("red", -15, 15), ("orange", 15, 42), ("yellow", 42, 75), ("green
 
 
 def colour_name(rgb) -> str:
-    """The colour word (world.COLOUR_RANGES, or "gray") of an RGB colour in 0..255 [3]."""
+    """The colour word of an RGB colour in 0..255 [3]: a hue of world.COLOUR_RANGES, or white, gray or black."""
     r, g, b = (float(c) / 255 for c in rgb)
     v, lo = max(r, g, b), min(r, g, b)
     s = (v - lo) / v if v > 0 else 0.0

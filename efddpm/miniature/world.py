@@ -48,6 +48,11 @@ MODEL_DEFAULTS = {"target_guidance": 3.5, "shift_skip_fraction": 0.5, "colour_so
 
 # Colour words: (hue degrees, saturation, value) ranges, sampled uniformly. efddpm.miniature.pixels.colour_name reads
 # a colour back by hue sectors wider than these boxes, so every colour drawn reads as its word.
+# The shapes' words are hues and the backgrounds' are light or dark neutrals, with MIN_CONTRAST 150 between a shape
+# and its background: then a colour edit's change (to the nearest colour of the new word) is smaller than the shape's
+# contrast in 96% of held-out edits, where with white and black shapes, a gray background and contrast 110 it was
+# 79% (recolour_within_contrast says why that decides whether any sampler can keep the shape in place; the edit
+# benchmark measured mask IoU 0.85 within contrast and 0.35 beyond on the world that had them).
 COLOUR_RANGES = {
     "red": ((-10, 8), (0.6, 1.0), (0.4, 1.0)),
     "orange": ((22, 36), (0.7, 1.0), (0.65, 1.0)),
@@ -56,12 +61,9 @@ COLOUR_RANGES = {
     "blue": ((205, 235), (0.5, 1.0), (0.35, 1.0)),
     "purple": ((265, 285), (0.45, 1.0), (0.35, 0.9)),
     "pink": ((315, 340), (0.3, 0.65), (0.75, 1.0)),
-    "white": ((0, 360), (0.0, 0.08), (0.9, 1.0)),
-    "black": ((0, 360), (0.0, 0.3), (0.0, 0.15)),
 }
 BACKGROUND_RANGES = {
     "white": ((0, 360), (0.0, 0.06), (0.88, 1.0)),
-    "gray": ((0, 360), (0.0, 0.06), (0.4, 0.6)),
     "black": ((0, 360), (0.0, 0.06), (0.0, 0.12)),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -69,7 +71,7 @@ SHADINGS = ("flat", "linear", "highlight")          # of the shape
 TEXTURES = ("flat", "gradient", "vignette", "noise", "clutter")   # of the background
 SIZES = (20, 42)                # smallest and largest side, in pixels of the 64-pixel picture
 MARGIN = 2                      # the shape keeps this far from the edges
-MIN_CONTRAST = 110.0            # RGB distance (0..441) between a shape's colour and its background's
+MIN_CONTRAST = 150.0            # RGB distance (0..441) between a shape's colour and its background's
 SHADING_AMOUNT = (0.08, 0.2)    # the shape's value varies by up to this fraction across it
 TEXTURE_AMOUNT = (8.0, 22.0)    # the background's texture, in levels of 0..255 (clutter: the dots' contrast)
 HELDOUT_MODULUS = 10            # 1 picture in 10 is held out
@@ -121,7 +123,7 @@ class Picture:
 
 
 def caption(colour: str, shape: str, background: str) -> str:
-    """ "a red circle on a white background", "an orange star on a gray background"."""
+    """ "a red circle on a white background", "an orange star on a black background"."""
     return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} on a {background} background"
 
 
@@ -273,13 +275,13 @@ def render_many(pictures: list[Picture], size: int = DEFAULT_SIZE) -> np.ndarray
 # ---------------------------------------------------------------------------------------------
 
 def random_picture(rng: np.random.Generator, split: str = "train") -> Picture:
-    """One picture of `split` ("train" or "heldout"), uniform over shapes, colours other than the background, backgrounds,
+    """One picture of `split` ("train" or "heldout"), uniform over shapes, colours, backgrounds,
     sizes, positions that keep the shape MARGIN from the edges, and looks."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     while True:
         background = str(rng.choice(list(BACKGROUND_RANGES)))
-        colour = str(rng.choice([c for c in COLOUR_RANGES if c != background]))
+        colour = str(rng.choice(list(COLOUR_RANGES)))
         side = int(rng.integers(SIZES[0], SIZES[1] + 1))
         lo, hi = MARGIN + math.ceil(side / 2), DEFAULT_SIZE - MARGIN - math.ceil(side / 2)
         p = Picture(str(rng.choice(SHAPES)), colour, background, side,
@@ -308,10 +310,10 @@ def heldout_pictures(n: int, seed: int = 0) -> list[Picture]:
 
 
 def edit_targets(p: Picture, seed: int = 0) -> tuple[Picture, Picture]:
-    """(colour edit, shape edit) of a picture: another colour word (not the background's), another shape; drawn from a
+    """(colour edit, shape edit) of a picture: another colour word, another shape; drawn from a
     generator seeded by the picture and `seed`. Only the colour word or the shape changes in the spec (the look stays)."""
     rng = np.random.default_rng([seed, zlib.crc32(repr(p).encode())])
-    colour = str(rng.choice([c for c in COLOUR_RANGES if c not in (p.colour, p.background)]))
+    colour = str(rng.choice([c for c in COLOUR_RANGES if c != p.colour]))
     shape = str(rng.choice([s for s in SHAPES if s != p.shape]))
     return Picture(p.shape, colour, p.background, p.size, p.cx, p.cy, p.look), \
         Picture(shape, p.colour, p.background, p.size, p.cx, p.cy, p.look)
