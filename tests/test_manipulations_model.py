@@ -68,7 +68,7 @@ def test_the_manipulations_read_the_model_defaults(editor, monkeypatch):
 
 @pytest.mark.parametrize("picture, dy, dx", [
     (world.Picture("circle", "red", "white", 24, 24, 28), 0, 4),      # 16 px right
-    (world.Picture("square", "blue", "gray", 20, 20, 40), -3, 0),     # 12 px up
+    (world.Picture("square", "blue", "black", 20, 20, 40), -3, 0),     # 12 px up
     (world.Picture("diamond", "pink", "white", 30, 30, 34), 0, 3),    # 12 px right
 ])
 def test_shift_moves_the_shape_by_four_pixels_per_latent_pixel(editor, picture, dy, dx):
@@ -91,7 +91,7 @@ def test_shift_moves_the_shape_by_four_pixels_per_latent_pixel(editor, picture, 
 
 @pytest.mark.parametrize("picture, rgb", [
     (world.Picture("circle", "red", "white", 24, 24, 28), (32, 64, 255)),          # "#2040ff" of issue #11
-    (world.Picture("square", "blue", "gray", 20, 20, 40), world.COLOURS["yellow"]),
+    (world.Picture("square", "blue", "black", 20, 20, 40), world.COLOURS["yellow"]),
 ])
 def test_recolor_reaches_the_colour_inside_the_mask_and_keeps_the_rest(editor, picture, rgb):
     img = world.render(picture)
