@@ -1,27 +1,26 @@
 """The shipped default model (weights/efddpm-shapes.safetensors, trained by efddpm.miniature.train).
 
-Measured on this model (float32, CPU, torch 2.13), with the settings of the tests below:
+Measured on this model (float32, CPU, torch 2.13), with the settings of the tests below, on the held-out pictures of
+today's world (hues on white or black at contrast 150; the model was trained on the previous world, which held every
+kind of picture of this one):
     held-out reconstruction through edit-friendly inversion (w_src 3.5) + regeneration with the same
-    prompt: max abs latent error below 1e-7 (threshold 1e-5, as for SD1.x)
+    prompt: max abs latent error 7.5e-9 (threshold 1e-5, as for SD1.x)
     colour edits of the 8 held-out pictures heldout_pictures(8), targets edit_targets(p), w_src 3.5,
     skip 36 of 100, inversion seed 0, target guidance 3.5 (this model's default, chosen on a validation set:
     see efddpm.miniature.world.MODEL_DEFAULTS):
-        target colour reached 8/8; mask IoU with the input 0.78 0.99 0.07 0.86 0.81 0.65 0.92 0.21
-        (mean 0.66; 6 of 8 >= 0.5)
-    thresholds: >= 7/8 reached, mean IoU >= 0.55, >= 5 of 8 with IoU >= 0.5.
-    In 2 of the 8 the shape moves away or shrinks (IoU < 0.3): both are edits beyond contrast
-    (world.recolour_within_contrast: the colour change is larger than the shape's contrast with its
-    background, so the picture of the target caption nearest to the input is a smaller shape); the test
-    asserts that every IoU < 0.3 is such an edit.
-    colour edits within contrast, the first 8 such held-out pictures, same settings:
-        target colour reached 8/8; mask IoU 0.78 0.99 0.84 0.87 0.63 0.92 0.79 0.94 (mean 0.84, min 0.63)
-    thresholds: >= 7/8 reached, mean IoU >= 0.75, every IoU >= 0.5.
+        target colour reached 8/8; mask IoU with the input 0.95 0.93 0.92 0.99 0.77 0.75 0.86 0.83 (mean 0.875)
+    thresholds: >= 7/8 reached, mean IoU >= 0.8 (what issue 14 asks of 20+ pictures), every IoU >= 0.6.
+    All 8 are edits within contrast (world.recolour_within_contrast), as 96% of held-out edits are; a shape that moves
+    away or shrinks (IoU < 0.3) must be an edit beyond contrast, which the test asserts.
     shape edits of the 8 held-out pictures, same settings: target shape reached 8/8, colour kept 8/8, background
-    kept 1.000 0.996 0.889 0.978 0.999 0.997 0.986 0.968 (mean 0.977)
+    kept 0.981 0.995 0.880 0.992 0.989 0.995 0.978 0.997 (mean 0.976)
     thresholds: >= 7/8 reached, >= 7/8 kept, mean background kept >= 0.95, every one >= 0.85.
-    `efddpm edit` without --model, offline, on the first within-contrast picture: red reached, IoU 0.78 (threshold 0.5).
-For scale: the same shape drawn at a random size and place overlaps the input with IoU 0.22 on average,
->= 0.5 in 9% of cases (200 held-out pictures), so the thresholds fail an edit that ignores where the input's shape
+    edit-friendly + P2P colour edits, same pictures: 8/8 reached, mask IoU 0.94 0.97 0.90 0.92 0.96 0.86 0.90 0.93
+    (mean 0.923, +0.048 over the plain edit)
+    thresholds: >= 7/8 reached, mean IoU >= 0.88, at least 0.02 above the plain edit's.
+    `efddpm edit` without --model, offline, on the first within-contrast picture: the target reached, IoU >= 0.6.
+For scale: the same shape drawn at a random size and place overlaps the input with IoU 0.24 on average,
+>= 0.6 in 6.5% of cases (200 held-out pictures), so the thresholds fail an edit that ignores where the input's shape
 was. The edits are run and measured by efddpm.miniature.measure, as
 benchmarks/edit_benchmark.py runs and measures them (also for native DDPM, DDIM, SDEdit and P2P).
 """
@@ -50,19 +49,15 @@ MODEL = DEFAULT_MODEL
 N_PICTURES = 8
 TARGET_GUIDANCE = world.MODEL_DEFAULTS["target_guidance"]   # 3.5, as the shipped file says
 MIN_HITS = 7            # of 8 (measured 8)
-MIN_MEAN_IOU = 0.55     # (measured 0.66)
-MIN_GOOD = 5            # pictures with IoU >= 0.5, of 8 (measured 6)
-N_WITHIN = 8            # colour edits within contrast: the first 8 such held-out pictures
-MIN_HITS_WITHIN = 7     # of 8 (measured 8)
-MIN_MEAN_IOU_WITHIN = 0.75   # (measured 0.84)
-MIN_IOU_WITHIN = 0.5    # every one of the 8 (measured min 0.63)
+MIN_MEAN_IOU = 0.8      # (measured 0.875)
+MIN_IOU = 0.6           # every one of the 8 (measured min 0.75)
 MIN_SHAPE_HITS = 7      # of 8 shape edits (measured 8)
 MIN_SHAPE_KEPT = 7      # of 8 keep their colour (measured 8)
-MIN_MEAN_BG_KEPT = 0.95      # (measured 0.977)
-MIN_BG_KEPT = 0.85      # every one (measured min 0.889)
-P2P_MIN_HITS = 6        # of 8, edit-friendly + P2P colour edits (measured 7)
-P2P_MIN_MEAN_IOU = 0.68  # (measured 0.76: 0.83 0.88 0.10 0.98 0.91 0.95 0.92 0.50)
-P2P_MIN_GAIN = 0.05     # mean IoU over the plain edit's 0.66 (measured +0.10)
+MIN_MEAN_BG_KEPT = 0.95      # (measured 0.976)
+MIN_BG_KEPT = 0.85      # every one (measured min 0.880)
+P2P_MIN_HITS = 7        # of 8, edit-friendly + P2P colour edits (measured 8)
+P2P_MIN_MEAN_IOU = 0.88  # (measured 0.923)
+P2P_MIN_GAIN = 0.02     # mean IoU over the plain edit's 0.875 (measured +0.048)
 
 pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason=f"{MODEL} not present")
 
@@ -103,29 +98,15 @@ def heldout(model):
     return rows
 
 
-def colour_edits(model, pics: list) -> tuple[list[bool], list[float]]:
-    """Edit-friendly colour edits (w_src 3.5, skip 36 of 100, inversion seed 0, the model's target guidance), batched:
-    (target colour reached, mask IoU with the input) per picture."""
-    edits = EditSet(model, pics)
-    rows = edits.measure(edits.run(Setting("edit-friendly", 36, TARGET_GUIDANCE), "colour"), "colour")
-    return [r["hit"] for r in rows], [r["mask_iou"] for r in rows]
-
-
 def test_colour_edits_reach_the_target_and_keep_the_shape(heldout):
     pics = world.heldout_pictures(N_PICTURES)
     rows = heldout("edit-friendly", "colour")
     hits, ious = [r["hit"] for r in rows], [r["mask_iou"] for r in rows]
     assert sum(hits) >= MIN_HITS, (hits, ious)
-    assert np.mean(ious) >= MIN_MEAN_IOU and sum(v >= 0.5 for v in ious) >= MIN_GOOD, ious
+    assert np.mean(ious) >= MIN_MEAN_IOU and min(ious) >= MIN_IOU, ious
     # the shapes that moved away (IoU < 0.3) are all edits beyond contrast
     assert not any(v < 0.3 and world.recolour_within_contrast(p, world.edit_targets(p)[0])
                    for p, v in zip(pics, ious)), ious
-
-
-def test_colour_edits_within_contrast_keep_the_shape_in_place(model):
-    hits, ious = colour_edits(model, world.within_contrast_pictures(N_WITHIN))
-    assert sum(hits) >= MIN_HITS_WITHIN, (hits, ious)
-    assert np.mean(ious) >= MIN_MEAN_IOU_WITHIN and min(ious) >= MIN_IOU_WITHIN, ious
 
 
 def test_shape_edits_reach_the_target_and_keep_colour_and_background(heldout):
@@ -161,7 +142,7 @@ def test_cli_edits_a_picture_offline_with_the_embedded_model(tmp_path):
     assert (meta["model"], meta["steps"], meta["skip"], meta["cfg_tgt"]) == (str(MODEL), 100, 36, TARGET_GUIDANCE)
     measured = measure_edit(p, target, "colour", world.render(p), out)
     assert measured["hit"]
-    assert measured["mask_iou"] >= MIN_IOU_WITHIN
+    assert measured["mask_iou"] >= MIN_IOU
 
 
 def test_a_wheel_install_carries_the_embedded_model(tmp_path):
