@@ -79,6 +79,16 @@ def test_shipped_file_is_the_official_layout(model):
     assert model.unet.config.context_dim == model.text_encoder.config.width
 
 
+def test_loading_does_not_import_the_compiler():
+    """Building the networks on the meta device to fill them from the file must not initialise them: normal_ on a
+    meta tensor imports torch._dynamo, 1-2 s of every command's start (efddpm.nets.clip.embedding skips it)."""
+    code = ("import sys, efddpm; from efddpm.app.embedded import DEFAULT_MODEL; efddpm.load(DEFAULT_MODEL); "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
 def test_exact_reconstruction_of_a_held_out_picture(model):
     edits = EditSet(model, world.heldout_pictures(1))      # inverted with w_src 3.5, seed 0
     err = (regenerate(edits.f, edits.code("edit-friendly"), edits.source, edits.uncond) - edits.x0).abs().max()

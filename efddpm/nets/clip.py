@@ -25,11 +25,21 @@ class CLIPTextConfig:
     mlp_width: int = 3072
 
 
+def embedding(rows: int, width: int) -> nn.Embedding:
+    """nn.Embedding(rows, width) initialised as PyTorch does (N(0, 1)), except on the meta device, where a model is
+    built to be filled from a checkpoint: there the initialisation is skipped, because normal_ on a meta tensor
+    imports torch._dynamo (1-2 s of every command's start, for values that are thrown away)."""
+    weight = torch.empty(rows, width)                                       # [rows, width]
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(rows, width, _weight=weight)
+
+
 class Embeddings(nn.Module):
     def __init__(self, c: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(c.vocab_size, c.width)
-        self.position_embedding = nn.Embedding(c.context_length, c.width)
+        self.token_embedding = embedding(c.vocab_size, c.width)
+        self.position_embedding = embedding(c.context_length, c.width)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # Positions are made here, never loaded: checkpoints' `position_ids` are often float-corrupted.
