@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from efddpm import load
 from efddpm.app.embedded import DEFAULT_MODEL
 from efddpm.miniature import world
 from efddpm.eval.charts import line_chart
-from efddpm.miniature.measure import KINDS, METHODS, NUM_STEPS, EditSet, Setting
+from efddpm.miniature.measure import KINDS, METHODS, NUM_STEPS, EditSet, Setting, summarise
 
 PAPER_GUIDANCE = 15.0
 W0 = world.MODEL_DEFAULTS["target_guidance"]   # the model's own default target guidance (the shipped file's: 3.5)
@@ -73,14 +72,6 @@ def run_edits(edits: EditSet) -> dict[tuple[Setting, str], np.ndarray]:
             out[s, kind] = edits.run(s, kind)
             print(f"  {s.method:13s} {s.label:22s} {kind:6s} {time.perf_counter() - t0:5.1f} s", flush=True)
     return out
-
-
-def summarise(rows: list[dict]) -> dict:
-    def mean(key, kind):
-        v = [r[key] for r in rows if r["kind"] == kind and not (isinstance(r[key], float) and math.isnan(r[key]))]
-        return float(np.mean(v)) if v else math.nan
-    return {f"{kind}_{key}": mean(key, kind) for kind in KINDS
-            for key in ("hit", "kept", "mask_iou", "box_iou", "shift", "bg_kept")}
 
 
 def table(summary: dict[Setting, dict], n: int) -> str:

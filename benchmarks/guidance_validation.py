@@ -15,12 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from efddpm import load
 from efddpm.app.embedded import DEFAULT_MODEL
 from efddpm.miniature import world
-from efddpm.miniature.measure import EditSet, Setting
+from efddpm.miniature.measure import KINDS, EditSet, Setting, summarise
 
 GUIDANCES = (2.5, 3.5, 5.0, 7.5, 10.0)
 VALIDATION_SEED = 1
@@ -40,13 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---:|---:|---:|---:|---:|---:|")
     for w in GUIDANCES:
         setting = Setting("edit-friendly", 36, w)
-        colour = edits.measure(edits.run(setting, "colour"), "colour")
-        shape = edits.measure(edits.run(setting, "shape"), "shape")
-        row = {"guidance": w, "colour_hit": float(np.mean([r["hit"] for r in colour])),
-               "colour_mask_iou": float(np.mean([r["mask_iou"] for r in colour])),
-               "shape_hit": float(np.mean([r["hit"] for r in shape])),
-               "shape_box_iou": float(np.mean([r["box_iou"] for r in shape])),
-               "shape_bg_kept": float(np.mean([r["bg_kept"] for r in shape]))}
+        measured = [{"kind": kind, **r} for kind in KINDS for r in edits.measure(edits.run(setting, kind), kind)]
+        row = {"guidance": w, **summarise(measured)}
         rows.append(row)
         print(f"| {w:g} | {100 * row['colour_hit']:.0f}% | {row['colour_mask_iou']:.2f} | {100 * row['shape_hit']:.0f}% "
               f"| {row['shape_box_iou']:.2f} | {100 * row['shape_bg_kept']:.0f}% |", flush=True)

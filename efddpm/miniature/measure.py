@@ -151,3 +151,14 @@ class EditSet:
         """measure_edit of each output (uint8 [B, H, W, 3]) of the `kind` edits, in the order of the pictures."""
         return [measure_edit(p, t, kind, src, img)
                 for p, t, src, img in zip(self.pictures, self.targets[kind], self.images, outputs)]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The means of one setting's measurements, rows of EditSet.measure each with its "kind": {"colour_hit": ...,
+    "shape_box_iou": ...} for every kind and measurement (NaN entries, e.g. the shift of an edit with no shape left,
+    are left out; NaN when none is left)."""
+    def mean(key, kind):
+        v = [r[key] for r in rows if r["kind"] == kind and not (isinstance(r[key], float) and math.isnan(r[key]))]
+        return float(np.mean(v)) if v else math.nan
+    return {f"{kind}_{key}": mean(key, kind) for kind in KINDS
+            for key in ("hit", "kept", "mask_iou", "box_iou", "shift", "bg_kept")}
