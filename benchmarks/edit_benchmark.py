@@ -3,7 +3,7 @@
 Each held-out picture (efddpm.miniature.world.heldout_pictures) gets a colour edit ("a red circle ..." -> "a blue
 circle ...") and a shape edit ("a red circle ..." -> "a red square ..."), by edit-friendly inversion, native DDPM
 inversion, DDIM inversion (skip 0 is the authors' DDIM baseline) and SDEdit: at the paper's defaults (T_skip 36 of
-100 steps, target guidance w 15), at the model's own default guidance W0 (world.MODEL_DEFAULTS, 3.5 for the shipped
+100 steps, target guidance w 15), at the model's own default guidance W0 (world.MODEL_DEFAULTS, 2.5 for the shipped
 model), a sweep of T_skip (20, 36, 52 at W0) and of w (W0, 7.5, 15 at skip 36); SDEdit at strengths 0.3, 0.5, 0.7
 with W0 and 15; and the paper's Sec. 3 combination, edit-friendly inversion + Prompt-to-Prompt (skip 36, w W0, 7.5
 and 15; xa 0.6, sa 0.2), with the authors' DDIM + P2P baseline (skip 0; xa 0.8, sa 0.4) beside it. The edits are run and measured by efddpm.miniature.measure, as the
@@ -39,7 +39,7 @@ from efddpm.eval.charts import line_chart
 from efddpm.miniature.measure import KINDS, METHODS, NUM_STEPS, EditSet, Setting, summarise
 
 PAPER_GUIDANCE = 15.0
-W0 = world.MODEL_DEFAULTS["target_guidance"]   # the model's own default target guidance (the shipped file's: 3.5)
+W0 = world.MODEL_DEFAULTS["target_guidance"]   # the model's own default target guidance (the shipped file's: 2.5)
 SKIPS = (20, 36, 52)                           # at W0
 GUIDANCES = (W0, 7.5, PAPER_GUIDANCE)          # at skip 36
 SDEDIT_STRENGTHS = (0.3, 0.5, 0.7)
@@ -114,6 +114,8 @@ def plot(summary: dict[Setting, dict]) -> Image.Image:
              lambda s: f"{s.skip}" if s.method != "SDEdit" else f"s{s.strength:.1f}"))
     cols = (("colour", "colour_mask_iou", "mask IoU with the input"),
             ("shape", "shape_box_iou", "bounding-box IoU with the input"))
+    lowest = min(100 * r[f"{kind}_hit"] for r in summary.values() for kind in ("colour", "shape"))
+    y_min = min(50, 10 * int(lowest // 10))                                   # every point on the chart
     charts = []
     for sweep, keep, label in rows:
         for kind, x_key, x_name in cols:
@@ -123,7 +125,7 @@ def plot(summary: dict[Setting, dict]) -> Image.Image:
                     series[s.method].append((r[x_key], 100 * r[f"{kind}_hit"]))
                     labels[s.method].append(label(s))
             charts.append(line_chart(series, f"{kind} edits, sweep of {sweep}", x_name, "target reached (%)",
-                                     markers=True, labels=labels, xlim=(0, 1.0), ylim=(50, 102)))
+                                     markers=True, labels=labels, xlim=(0, 1.0), ylim=(y_min, 102)))
     w, h = charts[0].size
     out = Image.new("RGB", (2 * w, 2 * h), (255, 255, 255))
     for i, c in enumerate(charts):

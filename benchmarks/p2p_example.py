@@ -5,7 +5,7 @@
 then the same two edits, plain and with P2P, on every held-out picture of efddpm.miniature.world (--pictures, 20 by
 default), read by its pixel rules: the target colour and shape reached, and the IoU of the output's shape with the
 input's. The edits are Editor.edit's defaults for this model (100 steps, source guidance 3.5, T_skip 36, the
-model's own target guidance, 3.5; seed 0); P2P is P2P() (xa 0.6, sa 0.2, window "all": 60 cross- and 20
+model's own target guidance, 2.5; seed 0); P2P is P2P() (xa 0.6, sa 0.2, window "all": 60 cross- and 20
 self-attention steps of the 64 run). Prints every number the README quotes.
 
     OMP_NUM_THREADS=1 python benchmarks/p2p_example.py                 # about 2 minutes on a 2-core CPU

@@ -425,7 +425,7 @@ def test_outputs_get_the_umask_mode(tmp_path, picture, model):
 def test_a_copy_of_the_embedded_model_keeps_its_target_guidance(tmp_path):
     copy = tmp_path / "my-copy.safetensors"
     copy.write_bytes(EMBEDDED.read_bytes())
-    assert Editor.from_pretrained(str(copy)).target_guidance == 3.5 != 15.0   # the model's own, not SD's
+    assert Editor.from_pretrained(str(copy)).target_guidance == 2.5 != 15.0   # the model's own, not SD's
 
 
 def test_large_image_warning_is_one_line_of_ours_once(tmp_path, capsys, model, monkeypatch):

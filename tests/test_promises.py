@@ -71,9 +71,9 @@ def test_editor_and_functions_read_the_same_defaults(model, picture):
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="the embedded model is not present")
 def test_the_embedded_models_target_guidance_comes_from_its_file():
-    """3.5 travels in the file's metadata, so a copy under any name keeps it (once it was a path comparison)."""
+    """2.5 travels in the file's metadata, so a copy under any name keeps it (once it was a path comparison)."""
     from efddpm import load
-    assert load(DEFAULT_MODEL).defaults["target_guidance"] == 3.5 == world.MODEL_DEFAULTS["target_guidance"]
+    assert load(DEFAULT_MODEL).defaults["target_guidance"] == 2.5 == world.MODEL_DEFAULTS["target_guidance"]
 
 
 # ------------------------------------------------------------------------------- what a code and a PNG say

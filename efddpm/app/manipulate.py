@@ -31,10 +31,11 @@ class Manipulations:
         regeneration reads (unshifted, it is still the exact reconstruction). None: the model's shift_skip_fraction
         of the code's steps (the embedded shapes model: 0.5, 50 of 100), else the paper's 0 (from x_T).
         Why the shapes model starts later: its UNet on 16x16 latents is far from shift-equivariant and the source
-        guidance amplifies that step by step (from the shifted x_T the output leaves the shifted trajectory by a
-        relative latent error of 0.67 at w 3.5, 0.18 at w 1). With codes at w 3.5, 10 held-out pictures shifted by
-        up to 4 latent pixels: from x_T 2 of 10 shapes landed within 2 px of 4 (dy, dx) (median miss 3.6 px, max
-        10), from 50 of 100 steps 10 of 10 (max 1.6 px), from 36 of 100 9 of 10."""
+        guidance amplifies that step by step (measured on the first shapes model, 2026-11-29; the shipped file's
+        figures are in tests/test_manipulations_model.py): from the shifted x_T the output left the shifted
+        trajectory by a relative latent error of 0.67 at w 3.5, 0.18 at w 1. With codes at w 3.5, 10 held-out
+        pictures shifted by up to 4 latent pixels: from x_T 2 of 10 shapes landed within 2 px of 4 (dy, dx) (median
+        miss 3.6 px, max 10), from 50 of 100 steps 10 of 10 (max 1.6 px), from 36 of 100 9 of 10."""
         self.check_code(code)
         dy, dx = checks.shift(dy, dx, tuple(code.x_T.shape[-2:]))
         skip = self.shift_skip(code.num_steps) if skip is None else skip
@@ -54,14 +55,14 @@ class Manipulations:
         step_range None: 1..40 of 100 (the paper's), scaled to the code's steps.
 
         The code's source guidance w decides whether the colour can change. When the source prompt names the old
-        colour, as every caption of the shapes model does, the guided prediction f_u + w (f_c - f_u) holds it for
-        w > 1: on that model P(f_t(x_t)) moves by -0.9 to -0.3 times a change of x_t towards M at w 3.5 (t = 60..10),
-        +0.35 to +0.65 at w 1, +0.9 to +1.0 without guidance, and the push, which enters the step as sigma_t times
-        itself (sigma_t 0.02-0.19 for t in 1..40), loses. So that model's file recommends inverting with
-        colour_source_guidance 0 (the caption given no weight); a code with more guidance gets a warning. 10
-        held-out pictures, t in 1..40: at w 0 the target colour was reached 5 of 10 times at s 0.2 and 10 of 10 at
-        s 0.5, 1 and 2 (s 1: median RGB distance 3, the rest of the picture within 0.23 / 255 on average of the
-        plain reconstruction); at w 3.5 and s 1, 0 of 10."""
+        colour, as every caption of the shapes model does, the guided prediction f_u + w (f_c - f_u) holds it for w
+        > 1: on the first shapes model (2026-11-29) P(f_t(x_t)) moves by -0.9 to -0.3 times a change of x_t towards
+        M at w 3.5 (t = 60..10), +0.35 to +0.65 at w 1, +0.9 to +1.0 without guidance, and the push, which enters
+        the step as sigma_t times itself (sigma_t 0.02-0.19 for t in 1..40), loses. So that model's file recommends
+        inverting with colour_source_guidance 0 (the caption given no weight); a code with more guidance gets a
+        warning. 10 held-out pictures, t in 1..40: at w 0 the target colour was reached 5 of 10 times at s 0.2 and
+        10 of 10 at s 0.5, 1 and 2 (s 1: median RGB distance 3, the rest of the picture within 0.23 / 255 on average
+        of the plain reconstruction); at w 3.5 and s 1, 0 of 10."""
         self.check_code(code)
         if code.settings["skip"] > 0:
             raise InputError(f"the colour manipulation regenerates from x_T, and this code was inverted for edits "
