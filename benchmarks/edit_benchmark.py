@@ -114,7 +114,7 @@ def plot(summary: dict[Setting, dict]) -> Image.Image:
              lambda s: f"{s.skip}" if s.method != "SDEdit" else f"s{s.strength:.1f}"))
     cols = (("colour", "colour_mask_iou", "mask IoU with the input"),
             ("shape", "shape_box_iou", "bounding-box IoU with the input"))
-    lowest = min(100 * r[f"{kind}_hit"] for r in summary.values() for kind in ("colour", "shape"))
+    lowest = min(100 * r[f"{kind}_hit"] for r in summary.values() for kind in KINDS)
     y_min = min(50, 10 * int(lowest // 10))                                   # every point on the chart
     charts = []
     for sweep, keep, label in rows:
