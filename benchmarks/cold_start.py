@@ -10,6 +10,8 @@ as a diffusers folder. The job: benchmarks/speed.py's reference edit (512x512, 1
     python benchmarks/cold_start.py --json cold.json     # on a GPU
     python benchmarks/cold_start.py --tree /tmp/before   # also an older efddpm (git archive REV efddpm | tar -x -C
                                                          # /tmp/before), alternating with this checkout
+    python benchmarks/cold_start.py --first-edit         # first, the first edit against a warm one, phase by phase,
+                                                         # in fresh processes (FIRST_EDIT below)
 """
 import argparse
 import json
@@ -48,6 +50,55 @@ def edit():
 image, = edit(); torch.cuda.synchronize(); mark("first_edit")
 image, = edit(); torch.cuda.synchronize(); mark("warm_edit")
 image.save(sys.argv[3]); mark("png")
+print(json.dumps(marks))
+""" % {"source": SOURCE, "target": TARGET}
+
+# The first edit against a warm one, phase by phase (sys.argv: model, image, mode), in a fresh process. mode "plain";
+# "ops": first a few single ops of each library the networks use, each timed (its first call loads the library's
+# kernels); "background": the same ops in a thread while the main thread loads the models. Prints one JSON line.
+FIRST_EDIT = r"""
+import time; start = time.perf_counter()
+import json, sys, threading
+model, picture, mode = sys.argv[1:4]
+marks = {}
+def timed(name, fn):
+    torch.cuda.synchronize(); t = time.perf_counter(); out = fn(); torch.cuda.synchronize()
+    marks[name] = round(time.perf_counter() - t, 4)
+    return out
+import torch
+import torch.nn.functional as F
+from efddpm import Editor
+torch.cuda.init(); torch.empty(1, device="cuda"); marks["cuda_context_at"] = round(time.perf_counter() - start, 3)
+def ops(record):
+    h, c = dict(device="cuda", dtype=torch.float16), torch.channels_last
+    x = torch.randn(2, 320, 64, 64, **h).to(memory_format=c)
+    w3, w1 = torch.randn(320, 320, 3, 3, **h).to(memory_format=c), torch.randn(640, 320, 1, 1, **h).to(memory_format=c)
+    q = torch.randn(2, 8, 4096, 40, **h)
+    a, b = torch.randn(154, 768, **h), torch.randn(768, 768, **h)
+    for name, fn in (("linear", lambda: F.linear(a, b)), ("conv3x3", lambda: F.conv2d(x, w3, padding=1)),
+                     ("conv1x1", lambda: F.conv2d(x, w1)), ("group_norm", lambda: F.group_norm(x, 32)),
+                     ("silu", lambda: F.silu(x)), ("sdpa", lambda: F.scaled_dot_product_attention(q, q, q)),
+                     ("layer_norm", lambda: F.layer_norm(a, (768,))), ("gelu", lambda: F.gelu(a)),
+                     ("upsample", lambda: F.interpolate(x, scale_factor=2.0, mode="nearest"))):
+        record(f"op_{name}", fn)
+thread = None
+if mode == "ops":
+    ops(timed)
+elif mode == "background":
+    thread = threading.Thread(target=ops, args=(lambda name, fn: fn(),)); thread.start()
+editor = timed("load_models", lambda: Editor.from_pretrained(model, device="cuda", dtype=torch.float16))
+if thread is not None:
+    timed("join_background_ops", thread.join)
+for run in ("first", "warm"):
+    timed(f"{run}_encode_image", lambda: editor.encode_image(picture))
+    timed(f"{run}_encode_prompts", lambda: editor.encode_prompts(["", %(source)r]))
+    code = timed(f"{run}_invert", lambda: editor.invert(picture, %(source)r, steps=100, guidance=3.5, seed=0, skip=36))
+    latents = timed(f"{run}_regenerate", lambda: editor.regenerate(code, %(target)r, guidance=15.0, skip=36))
+    timed(f"{run}_decode", lambda: editor.decode(latents))
+    if run == "first":
+        marks["first_edit_done_at"] = round(time.perf_counter() - start, 3)
+    timed(f"{run}_invert_and_edit", lambda: editor.invert_and_edit(picture, %(source)r, %(target)r, steps=100,
+          source_guidance=3.5, guidance=15.0, skip=36, seed=0))
 print(json.dumps(marks))
 """ % {"source": SOURCE, "target": TARGET}
 
@@ -116,10 +167,36 @@ def phases(model: Path, folder: Path, tree: Path) -> dict:
     return {**marks, "process_total": round(total, 3)}
 
 
+def first_edit(model: Path, folder: Path, mode: str, tree: Path, **env) -> dict:
+    proc = subprocess.run([sys.executable, "-c", FIRST_EDIT, str(model), str(folder / "cat.png"), mode],
+                          capture_output=True, text=True, cwd=tree, env={**environment(tree), **env})
+    if proc.returncode:
+        sys.exit(f"the first-edit breakdown failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def first_edit_rows(res: dict, model: Path, folder: Path, before: Path | None) -> None:
+    """The first edit against a warm one, phase by phase, in fresh processes, in this order: plain, twice (is the
+    first process on a machine slower?); after single ops of each library, each timed; plain again; with those ops in
+    a thread beside the loading; plain with CUDA's lazy loading off (every kernel loaded with the context). With
+    `before` (an older efddpm), those rows run it, and this checkout's plain rows are interleaved."""
+    old = before or ROOT
+    runs = [("plain", "plain", old, {}), ("plain_again", "plain", old, {}), ("ops_first", "ops", old, {}),
+            ("plain_third", "plain", old, {}), ("ops_in_background", "background", old, {}),
+            ("eager_module_loading", "plain", old, {"CUDA_MODULE_LOADING": "EAGER"})]
+    if before is not None:
+        for at, name in ((2, "this_checkout"), (4, "this_checkout_again"), (6, "this_checkout_third")):
+            runs.insert(at, (name, "plain", ROOT, {}))
+    for name, mode, tree, env in runs:
+        res[f"first_edit_{name}"] = first_edit(model, folder, mode, tree, **env)
+        print(json.dumps({name: res[f"first_edit_{name}"]}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--tree", type=Path, help="also time the efddpm package in this folder")
+    parser.add_argument("--first-edit", action="store_true", help="first, the first edit's breakdown (single file)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     res = {}
@@ -128,6 +205,8 @@ def main() -> None:
         checkpoints = write_checkpoints(folder)
         for path in folder.rglob("*.safetensors"):
             path.read_bytes()                                       # into the page cache
+        if args.first_edit:
+            first_edit_rows(res, folder / "sd1-random-fp16.safetensors", folder, args.tree and args.tree.resolve())
         trees = {"": ROOT, **({"before_": args.tree.resolve()} if args.tree else {})}
         for name, model in checkpoints.items():
             for _ in range(args.runs):                              # alternating the trees

@@ -7,7 +7,8 @@ memory, compile warm-up, efddpm's fp16-vs-fp32 deviation and its fp32 reconstruc
 of the `efddpm edit` command (process start to PNG, weights on disk).
 
     python benchmarks/speed.py                  # everything but the compiled variants (~5 min on an H100)
-    python benchmarks/speed.py --compiled       # torch.compile rows only: diffusers, and efddpm in two fresh processes
+    python benchmarks/speed.py --compiled       # torch.compile rows: diffusers eager then compiled, and efddpm (plain
+                                                # and Prompt-to-Prompt, compiled then eager) in two fresh processes
                                                 # sharing a fresh compile cache (the second reads it)
     python benchmarks/speed.py --p2p            # efddpm only: the edit with Prompt-to-Prompt beside the plain edit
 
@@ -238,6 +239,8 @@ def phase_rows(res: dict, editor: Editor, image: Image.Image) -> None:
 def compiled_rows(res: dict, image: Image.Image) -> None:
     image_tensor = pixels(image)
     d_unet, d_edit = diffusers_setup()
+    d_edit(d_unet, image_tensor)                                        # the eager baseline of the same run
+    res["diffusers_fp16_eager_s"] = timed(lambda: d_edit(d_unet, image_tensor))
     d_unet.to(memory_format=torch.channels_last)
     compiled = torch.compile(d_unet, fullgraph=True)
     start = time.perf_counter()
@@ -255,14 +258,17 @@ def compiled_rows(res: dict, image: Image.Image) -> None:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         for run in ("first", "second"):
             proc = subprocess.run([sys.executable, __file__, "--compiled-child"], capture_output=True, text=True,
-                                  env=env, cwd=ROOT)
+                                  env=env, cwd=ROOT, timeout=420)
             if proc.returncode:
                 sys.exit(f"the compiled child failed: {proc.stderr[-3000:]}")
             child = json.loads(proc.stdout.strip().splitlines()[-1])
+            child["recompile_limit_warnings"] = proc.stderr.count("hit config.recompile_limit")
             res.update({f"efddpm_fp16_fast_compiled_{k}_{run}_process": v for k, v in child.items()})
             print(json.dumps(child), flush=True)
     res["efddpm_fp16_fast_compiled_s"] = res["efddpm_fp16_fast_compiled_s_second_process"]
-    res["efddpm_fp16_fast_s"] = res["efddpm_fp16_fast_eager_s_second_process"]
+    res["efddpm_fp16_fast_s"] = res["efddpm_fp16_fast_compiled_eager_s_second_process"]
+    res["efddpm_fp16_fast_compiled_p2p_s"] = res["efddpm_fp16_fast_compiled_p2p_s_second_process"]
+    res["efddpm_fp16_fast_p2p_s"] = res["efddpm_fp16_fast_compiled_eager_p2p_s_second_process"]
 
 
 def compiled_child() -> None:
@@ -282,10 +288,21 @@ def compiled_child() -> None:
     res["s"] = timed(lambda: efddpm_edit(editor, image), 5)
     res["sequential_s"] = timed(lambda: efddpm_edit(editor, image, overlap=False), 5)
     res["peak_GiB"] = peak_gib(lambda: efddpm_edit(editor, image))
+    code = editor.invert(image, SOURCE, steps=STEPS, guidance=W_SRC, seed=0, skip=SKIP)   # each phase alone
+    res["phase_inversion_s"] = timed(lambda: editor.invert(image, SOURCE, steps=STEPS, guidance=W_SRC, seed=0,
+                                                           skip=SKIP), 5)
+    res["phase_regeneration_s"] = timed(lambda: editor.regenerate(code, TARGET, guidance=W_TGT, skip=SKIP), 5)
+    start = time.perf_counter()                                         # Prompt-to-Prompt: its frames compile
+    efddpm_edit(editor, image, p2p=P2P())
+    torch.cuda.synchronize()
+    res["p2p_warmup_s"] = time.perf_counter() - start
+    res["p2p_s"] = timed(lambda: efddpm_edit(editor, image, p2p=P2P()), 3)
     models.unet = models.unet._orig_mod  # the same weights, eager
     editor = Editor(models, torch.float16, fast=True)
     efddpm_edit(editor, image)
     res["eager_s"] = timed(lambda: efddpm_edit(editor, image), 5)
+    efddpm_edit(editor, image, p2p=P2P())
+    res["eager_p2p_s"] = timed(lambda: efddpm_edit(editor, image, p2p=P2P()), 3)
     print(json.dumps(res))
 
 
@@ -310,7 +327,7 @@ def p2p_rows(res: dict, image: Image.Image) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compiled", action="store_true", help="only the torch.compile rows")
+    parser.add_argument("--compiled", action="store_true", help="the torch.compile rows, with diffusers eager as their baseline")
     parser.add_argument("--p2p", action="store_true", help="only the Prompt-to-Prompt rows (efddpm alone)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--compiled-child", action="store_true", help=argparse.SUPPRESS)
@@ -328,6 +345,8 @@ def main() -> None:
                          ("efddpm_fp16_fast_sequential_s", "diffusers_fp16_eager_s"),
                          ("efddpm_fp16_plain_s", "diffusers_fp16_eager_s"),
                          ("efddpm_fp16_fast_compiled_s", "diffusers_fp16_compiled_s"),
+                         ("efddpm_fp16_fast_compiled_s", "diffusers_fp16_eager_s"),
+                         ("efddpm_fp16_fast_compiled_s", "efddpm_fp16_fast_compiled_p2p_s"),
                          ("efddpm_fp16_fast_s", "diffusers_fp16_compiled_s"),
                          ("efddpm_fp16_fast_s", "efddpm_fp16_fast_p2p_s"), ("efddpm_fp16_plain_s", "efddpm_fp16_plain_p2p_s")):
         if ours in res and theirs in res:

@@ -9,12 +9,16 @@ edit: 64x64 latents, fp16, channels_last), each lever alone, in one process, so 
     compiled (max-autotune-no-cudagraphs) + graph
                                  inductor's autotuned kernels (slow to compile), then captured
 
+With --profile, first where the eager step's GPU time goes: kernel time per step by kind (convolution, matrix
+multiply, attention, normalisation, elementwise, copies), from torch.profiler, and the ten longest kernels.
+
 Prints milliseconds per step (median of 50 after warm-up) and each lever's ratio to the eager + graph step, and
 the output's largest difference from the eager one (fp16 rounding only). A lever that fails says why and the rest
 go on. Compiling takes minutes:
 
     python benchmarks/step_levers.py --json levers.json          # on a GPU
     python benchmarks/step_levers.py --no-compile                # the eager levers only (~30 s)
+    python benchmarks/step_levers.py --no-compile --profile      # and the eager step's kernel time by kind
 """
 import argparse
 import json
@@ -44,9 +48,46 @@ def milliseconds(step, repeats: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
+KINDS = (("attention", ("fmha", "flash", "attention", "softmax")),              # first match wins
+         ("layout and copies", ("nchwtonhwc", "nhwctonchw", "copy", "cat_", "catarray", "transpose")),
+         ("convolution", ("conv", "fprop", "implicit", "cudnn")), ("matrix multiply", ("gemm", "nvjet", "cublas")),
+         ("normalisation", ("norm", "welford")), ("elementwise", ("elementwise", "vectorized", "reduce")))
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, words in KINDS if any(word in name for word in words)), "other")
+
+
+def profile(unet, x, t, context, steps: int = 5) -> dict:
+    """GPU kernel time per eager step, by kind, and the ten longest kernels (ms per step)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch.inference_mode():
+        for _ in range(3):
+            unet(x, t, context)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                unet(x, t, context)
+            torch.cuda.synchronize()
+    by_kind, by_kernel, launches = {}, {}, 0
+    for event in prof.key_averages():
+        ms = event.device_time_total / 1e3 / steps
+        if ms <= 0:
+            continue
+        launches += event.count / steps
+        by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + ms
+        by_kernel[event.key[:90]] = ms
+    top = dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:10])
+    return {"kernel_ms_per_step_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "kernel_ms_per_step": round(sum(by_kind.values()), 3), "kernels_per_step": round(launches),
+            "longest_kernels_ms_per_step": {k: round(v, 3) for k, v in top.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled levers")
+    parser.add_argument("--profile", action="store_true", help="first, the eager step's kernel time by kind")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -60,6 +101,9 @@ def main() -> None:
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": 2}
     with torch.inference_mode():
         reference = unet(x, t, context)
+    if args.profile:
+        res["eager_profile"] = profile(unet, x, t, context)
+        print(json.dumps(res["eager_profile"]), flush=True)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     levers = {"eager": lambda: unet, "eager_graph": lambda: GraphedUNet(unet)}
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
@@ -85,6 +129,14 @@ def main() -> None:
             res[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         torch._dynamo.reset()
         print(json.dumps({k: v for k, v in res.items() if k.startswith(name)}), flush=True)
+    if args.profile:                                                  # the step's cost against its batch
+        with torch.inference_mode():
+            graphed = GraphedUNet(unet)
+            res["eager_graph_ms_by_batch"] = {
+                b: round(milliseconds(lambda: graphed(x[:1].expand(b, -1, -1, -1).contiguous(memory_format=torch.channels_last),
+                                                      t[:1].expand(b), context[:1].expand(b, -1, -1)), 20), 3)
+                for b in (2, 4, 8, 16, 32)}
+        print(json.dumps(res["eager_graph_ms_by_batch"]), flush=True)
     base = res.get("eager_graph_ms")
     for name in levers:
         if base and f"{name}_ms" in res:

@@ -138,8 +138,9 @@ def test_batched_engine_on_the_fast_path():
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not present")
 def test_prompt_to_prompt_with_a_compiled_unet():
-    """Editor.compile()'d UNet with a controller set (dynamo guards on it and breaks the graph around the controller's
-    calls): the P2P edit equals the eager one within 1e-2 (inductor reorders reductions), and the plain edit too."""
+    """Editor.compile()'d UNet: the P2P edit (its regeneration runs the original UNet eagerly while the controller is
+    set, efddpm.app.fast.GraphedUNet; the inversion runs compiled) equals the eager one within 1e-2 (inductor
+    reorders reductions), and the plain edit too."""
     noise = torch.randn(100, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     eager = Editor.from_pretrained(str(DEFAULT_MODEL), device="cuda")
     reference = p2p_edits(eager, noise)

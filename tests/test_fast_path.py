@@ -84,3 +84,14 @@ def test_skipping_inversion_gives_the_same_edit(setup):
                                        extract=batched(chunk))
         outs.append(edit(network(unet, torch.float64), code, target, uncond, 15.0, skip=14))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-10
+
+
+def test_the_library_warm_up_runs_beside_the_caller_and_raises_its_error_on_join():
+    """Editor.from_pretrained's LibraryWarmUp: the ops run in their own thread, and a failure there is not lost."""
+    from efddpm.app.fast import LibraryWarmUp
+    warm_up = LibraryWarmUp(torch.device("cpu"), torch.float32)
+    assert warm_up.name == "efddpm-library-warm-up"
+    warm_up.join()
+    assert not warm_up.is_alive() and warm_up.error is None
+    with pytest.raises(RuntimeError):                   # no integer convolution: the thread's error, raised here
+        LibraryWarmUp(torch.device("cpu"), torch.int64).join()

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from efddpm.app import prompt_to_prompt
-from efddpm.app.fast import GraphedUNet, compiled, extract_noise_batched, inversion_chunk
+from efddpm.app.fast import GraphedUNet, LibraryWarmUp, compiled, extract_noise_batched, inversion_chunk
 from efddpm.app.images import load_image, to_pil
 from efddpm.app.manipulate import Manipulations, SettingWarning  # noqa: F401 (SettingWarning: part of this API)
 from efddpm.app.overlap import PendingNoise
@@ -90,9 +90,14 @@ class Editor(Manipulations):
         device = checks.device(device)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise InputError(f"dtype must be a floating torch dtype, got {dtype!r}")
-        models = load(source, device=device, dtype=dtype, revision=revision, offline=offline)
-        check_schedule(models)
         fast = device.type == "cuda"
+        warm_up = LibraryWarmUp(device, dtype) if fast else None                # beside the reading and building
+        try:
+            models = load(source, device=device, dtype=dtype, revision=revision, offline=offline)
+        finally:
+            if warm_up is not None:
+                warm_up.join()
+        check_schedule(models)
         if fast:
             models.unet.to(memory_format=torch.channels_last)
         return cls(models, dtype, fast=fast)

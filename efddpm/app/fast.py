@@ -8,21 +8,24 @@ At batch 2 an SD1.x UNet step is bound by the host launching ~1,000 kernels, not
 - the sequential steps replay a CUDA graph of the UNet, captured once per input shape (GraphedUNet);
 - the UNet runs in channels_last memory format (cuDNN's faster NHWC convolutions; 12% on the whole edit;
   Editor.from_pretrained sets it);
-- float32 networks on CUDA run without TF32 (exact_float32), so the float32 reconstruction stays exact.
+- float32 networks on CUDA run without TF32 (exact_float32), so the float32 reconstruction stays exact;
+- while Editor.from_pretrained reads the weights, a thread makes the GPU libraries' first calls (LibraryWarmUp).
 
-Attention control (Prompt-to-Prompt, efddpm.nets.attention_control) keeps channels_last and torch.compile (which
-guards on the controller being unset and breaks the graph around a set one's calls) but not the graphs: GraphedUNet
-runs the UNet eagerly while a controller is set.
+Attention control (Prompt-to-Prompt, efddpm.nets.attention_control) keeps channels_last but neither the graphs nor
+torch.compile: while a controller is set GraphedUNet runs the original, uncompiled UNet eagerly (a graph would never
+consult the controller, and compiled frames cut by the controller's graph breaks cost more than they save).
 
 Nothing here changes a formula; tests/test_fast_path.py checks the batched inversion against the literal
 Algorithm 1 on the CPU, benchmarks/speed.py measures it on a GPU.
 """
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from efddpm.method.defaults import ETA
@@ -65,15 +68,52 @@ def compiled(unet: nn.Module) -> nn.Module:
     """torch.compile(unet, dynamic=False): one static graph per input shape (the inversion's batch and the
     regeneration's), which GraphedUNet then captures in CUDA graphs. Not fullgraph: the plain UNet traces whole (no
     graph break), and with an attention controller set (Prompt-to-Prompt) the graph breaks around the controller's
-    calls (efddpm.nets.unet keeps them out of graphs), which fullgraph would refuse.
+    calls (efddpm.nets.unet keeps them out of graphs), which fullgraph would refuse. GraphedUNet does not call it with
+a controller set, though: cut into dozens of guarded frames it was slower than eager (the reference P2P edit on an
+H100 80GB, fp16, one run: 3.46 s compiled, 2.38 s eager, same process).
 
     PyTorch's persistent caches (FX graph, AOTAutograd, Triton kernels) go to TORCHINDUCTOR_CACHE_DIR, by default
-    ~/.cache/efddpm/torchinductor (not /tmp, which is cleared): the first process on a machine compiles (72.5 s of
-    warm-up on an H100 for SD1.x), later ones trace the model again but read the compiled kernels (14.1 s)."""
+    ~/.cache/efddpm/torchinductor (not /tmp, which is cleared): the first process on a machine compiles (72.5 and
+    113.5 s of warm-up on two H100s for SD1.x), later ones trace the model again but read the compiled kernels
+    (14.1 and 17.1 s)."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "efddpm" / "torchinductor"
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     return torch.compile(unet, dynamic=False)
+
+
+class LibraryWarmUp(threading.Thread):
+    """One small call of each GPU library the networks use (cuBLAS, cuDNN's convolutions in channels_last, the
+    attention kernels, the norms), in a thread: their one-off start-up then overlaps with reading the weights and
+    building the networks (host work) instead of delaying the first edit. Editor.from_pretrained starts one before
+    loading and joins it after; an error in the thread is raised by join()."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        super().__init__(name="efddpm-library-warm-up", daemon=True)
+        self.device, self.dtype, self.error = device, dtype, None
+        self.start()
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        try:
+            like = dict(device=self.device, dtype=self.dtype)
+            x = torch.zeros(2, 64, 16, 16, **like).to(memory_format=torch.channels_last)     # [B, C, h, w]
+            conv3, conv1 = torch.zeros(64, 64, 3, 3, **like), torch.zeros(32, 64, 1, 1, **like)
+            F.conv2d(F.silu(F.group_norm(x, 32)), conv3.to(memory_format=torch.channels_last), padding=1)
+            F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv1.to(memory_format=torch.channels_last))
+            tokens = torch.zeros(2, 77, 64, **like)                                          # [B, N, width]
+            F.gelu(F.linear(F.layer_norm(tokens, (64,)), torch.zeros(64, 64, **like)))
+            heads = tokens.view(2, 77, 8, 8).transpose(1, 2)                                 # [B, heads, N, d]
+            F.scaled_dot_product_attention(heads, heads, heads)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as error:                                  # raised again by join
+            self.error = error
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error
 
 
 class GraphedUNet:
@@ -82,8 +122,9 @@ class GraphedUNet:
     Inputs are copied into the graph's static buffers and the output is cloned, so callers see an
     ordinary function. Use under torch.inference_mode(), as efddpm.app.editor does.
 
-    While the UNet has an attention controller (UNet.controlled: Prompt-to-Prompt), it runs eagerly instead: a graph
-    replays the kernels it captured and would never consult the controller."""
+    While the UNet has an attention controller (UNet.controlled: Prompt-to-Prompt), the original module runs eagerly
+    instead (uncompiled, if the UNet is torch.compile'd: see compiled): a graph replays the kernels it captured and
+    would never consult the controller."""
 
     def __init__(self, unet: nn.Module):
         self.unet = unet
@@ -91,7 +132,7 @@ class GraphedUNet:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if getattr(self.unet, "attention_control", None) is not None:
-            return self.unet(x, t, context)
+            return getattr(self.unet, "_orig_mod", self.unet)(x, t, context)      # eager, uncompiled
         key = (tuple(x.shape), tuple(context.shape), x.dtype, context.dtype)
         if key not in self.graphs:
             self.graphs[key] = self.capture(x, t, context)
