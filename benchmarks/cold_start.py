@@ -55,10 +55,12 @@ print(json.dumps(marks))
 
 # The first edit against a warm one, phase by phase (sys.argv: model, image, mode), in a fresh process. mode "plain";
 # "ops": first a few single ops of each library the networks use, each timed (its first call loads the library's
-# kernels); "background": the same ops in a thread while the main thread loads the models. Prints one JSON line.
+# kernels); "background": the same ops in a thread while the main thread loads the models; "profile": the first
+# round under cProfile, with the calls of most host time. Prints one JSON line.
 FIRST_EDIT = r"""
 import time; start = time.perf_counter()
 import json, sys, threading
+from pathlib import Path
 model, picture, mode = sys.argv[1:4]
 marks = {}
 def timed(name, fn):
@@ -89,6 +91,10 @@ elif mode == "background":
 editor = timed("load_models", lambda: Editor.from_pretrained(model, device="cuda", dtype=torch.float16))
 if thread is not None:
     timed("join_background_ops", thread.join)
+profiler = None
+if mode == "profile":                       # which calls the first round's host time goes to
+    import cProfile, pstats
+    profiler = cProfile.Profile(); profiler.enable()
 for run in ("first", "warm"):
     timed(f"{run}_encode_image", lambda: editor.encode_image(picture))
     timed(f"{run}_encode_prompts", lambda: editor.encode_prompts(["", %(source)r]))
@@ -97,6 +103,12 @@ for run in ("first", "warm"):
     timed(f"{run}_decode", lambda: editor.decode(latents))
     if run == "first":
         marks["first_edit_done_at"] = round(time.perf_counter() - start, 3)
+        if profiler is not None:
+            profiler.disable()
+            stats = pstats.Stats(profiler).stats              # (file, line, name) -> (calls, _, tottime, cumtime, _)
+            top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:12]
+            marks["first_round_host_seconds_by_call"] = {f"{Path(k[0]).name}:{k[1]}({k[2]})": round(v[2], 3)
+                                                         for k, v in top}
     timed(f"{run}_invert_and_edit", lambda: editor.invert_and_edit(picture, %(source)r, %(target)r, steps=100,
           source_guidance=3.5, guidance=15.0, skip=36, seed=0))
 print(json.dumps(marks))
@@ -197,6 +209,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--tree", type=Path, help="also time the efddpm package in this folder")
     parser.add_argument("--first-edit", action="store_true", help="first, the first edit's breakdown (single file)")
+    parser.add_argument("--profile-first-edit", type=int, default=0, metavar="N",
+                        help="first, N fresh processes whose first edit runs under cProfile (host time by call)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     res = {}
@@ -205,6 +219,9 @@ def main() -> None:
         checkpoints = write_checkpoints(folder)
         for path in folder.rglob("*.safetensors"):
             path.read_bytes()                                       # into the page cache
+        for run in range(args.profile_first_edit):
+            res[f"first_edit_profiled_{run}"] = first_edit(folder / "sd1-random-fp16.safetensors", folder, "profile", ROOT)
+            print(json.dumps({run: res[f"first_edit_profiled_{run}"]}), flush=True)
         if args.first_edit:
             first_edit_rows(res, folder / "sd1-random-fp16.safetensors", folder, args.tree and args.tree.resolve())
         trees = {"": ROOT, **({"before_": args.tree.resolve()} if args.tree else {})}

@@ -84,9 +84,12 @@ H100 80GB, fp16, one run: 3.46 s compiled, 2.38 s eager, same process).
 
 class LibraryWarmUp(threading.Thread):
     """One small call of each GPU library the networks use (cuBLAS, cuDNN's convolutions in channels_last, the
-    attention kernels, the norms), in a thread: their one-off start-up then overlaps with reading the weights and
-    building the networks (host work) instead of delaying the first edit. Editor.from_pretrained starts one before
-    loading and joins it after; an error in the thread is raised by join()."""
+    attention kernels, the norms), in a thread: their one-off start-up (loading, handles; 0.27 s on an H100) then
+    overlaps with reading the weights and building the networks instead of delaying the first edit.
+    Editor.from_pretrained starts one before loading and joins it after; an error in the thread is raised by join().
+
+    It cannot do more: cuDNN's per-shape plans (convolutions, attention), most of a first edit's extra host time,
+    are cached per thread by PyTorch, so the networks' real shapes must be met in the thread that runs them."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         super().__init__(name="efddpm-library-warm-up", daemon=True)
