@@ -274,7 +274,8 @@ def compiled_rows(res: dict, image: Image.Image) -> None:
 def compiled_child() -> None:
     """One process of the compiled rows: Editor.compile() (efddpm.app.fast.compiled: PyTorch's persistent caches
     in TORCHINDUCTOR_CACHE_DIR), the warm-up edit (compiling or reading the cache, and capturing the graphs), warm
-    edits, peak memory; then the same weights eager in this process (the baseline of the same run)."""
+    edits, peak memory, each phase alone, the Prompt-to-Prompt edit (its regeneration runs the uncompiled UNet:
+    efddpm.app.fast.GraphedUNet); then the same weights eager in this process (the baseline of the same run)."""
     gen = np.random.default_rng(0)
     image = Image.fromarray(gen.integers(0, 256, (512, 512, 3), dtype=np.uint8))
     models = efddpm_models(torch.float16)
