@@ -104,7 +104,8 @@ class Editor(Manipulations):
 
     def compile(self) -> "Editor":
         """torch.compile the UNet (efddpm.app.fast.compiled: persistent caches); the first edit of each shape
-        compiles. Needs the fast path (CUDA). Returns self."""
+        compiles. Needs the fast path (CUDA). Prompt-to-Prompt regenerations still run the uncompiled UNet
+        (efddpm.app.fast.GraphedUNet), their inversions the compiled one. Returns self."""
         if not self.fast:
             raise InputError(f"compiling needs the models on a CUDA device; they are on {self.device}")
         from torch._dynamo.eval_frame import OptimizedModule               # (not at import: it costs ~1 s)

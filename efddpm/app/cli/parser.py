@@ -35,7 +35,8 @@ def build_parser(extra: dict | None = None) -> Parser:
         p.add_argument("--dtype", choices=list(DTYPES), help="default: float16 on CUDA, float32 on CPU")
         p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
         p.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA): the first run on a "
-                       "machine compiles for a minute or two, later runs read PyTorch's cache in ~15 s")
+                       "machine compiles for a minute or two, later runs read PyTorch's cache in ~15 s (a --p2p "
+                       "regeneration runs uncompiled)")
 
     def inversion_flags(p, with_source=True, with_noise=False, cfg_src=SOURCE_GUIDANCE,
                         cfg_src_help="source guidance (default: %(default)s)",
