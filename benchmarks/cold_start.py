@@ -168,23 +168,24 @@ def command_seconds(model: Path, folder: Path, tree: Path) -> float:
     return round(time.perf_counter() - start, 3)
 
 
-def phases(model: Path, folder: Path, tree: Path) -> dict:
+def script_marks(script: str, args: list, tree: Path, what: str, **env) -> dict:
+    """Run one of the scripts above in a fresh process importing the efddpm of `tree`; its JSON line, and the
+    process's whole time."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PHASES, str(model), str(folder / "cat.png"), str(folder / "p.png")],
-                          capture_output=True, text=True, cwd=tree, env=environment(tree))
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, cwd=tree,
+                          env={**environment(tree), **env})
     total = time.perf_counter() - start
     if proc.returncode:
-        sys.exit(f"the phases failed: {proc.stderr[-2000:]}")
-    marks = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {**marks, "process_total": round(total, 3)}
+        sys.exit(f"{what} failed: {proc.stderr[-2000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_total": round(total, 3)}
+
+
+def phases(model: Path, folder: Path, tree: Path) -> dict:
+    return script_marks(PHASES, [model, folder / "cat.png", folder / "p.png"], tree, "the phases")
 
 
 def first_edit(model: Path, folder: Path, mode: str, tree: Path, **env) -> dict:
-    proc = subprocess.run([sys.executable, "-c", FIRST_EDIT, str(model), str(folder / "cat.png"), mode],
-                          capture_output=True, text=True, cwd=tree, env={**environment(tree), **env})
-    if proc.returncode:
-        sys.exit(f"the first-edit breakdown failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return script_marks(FIRST_EDIT, [model, folder / "cat.png", mode], tree, "the first-edit breakdown", **env)
 
 
 def first_edit_rows(res: dict, model: Path, folder: Path, before: Path | None) -> None:

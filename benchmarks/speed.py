@@ -293,7 +293,7 @@ def compiled_child() -> None:
     res["phase_inversion_s"] = timed(lambda: editor.invert(image, SOURCE, steps=STEPS, guidance=W_SRC, seed=0,
                                                            skip=SKIP), 5)
     res["phase_regeneration_s"] = timed(lambda: editor.regenerate(code, TARGET, guidance=W_TGT, skip=SKIP), 5)
-    start = time.perf_counter()                                         # Prompt-to-Prompt: its frames compile
+    start = time.perf_counter()                                         # Prompt-to-Prompt (its inversion compiled)
     efddpm_edit(editor, image, p2p=P2P())
     torch.cuda.synchronize()
     res["p2p_warmup_s"] = time.perf_counter() - start

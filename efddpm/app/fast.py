@@ -68,9 +68,9 @@ def compiled(unet: nn.Module) -> nn.Module:
     """torch.compile(unet, dynamic=False): one static graph per input shape (the inversion's batch and the
     regeneration's), which GraphedUNet then captures in CUDA graphs. Not fullgraph: the plain UNet traces whole (no
     graph break), and with an attention controller set (Prompt-to-Prompt) the graph breaks around the controller's
-    calls (efddpm.nets.unet keeps them out of graphs), which fullgraph would refuse. GraphedUNet does not call it with
-a controller set, though: cut into dozens of guarded frames it was slower than eager (the reference P2P edit on an
-H100 80GB, fp16, one run: 3.46 s compiled, 2.38 s eager, same process).
+    calls (efddpm.nets.unet keeps them out of graphs), which fullgraph would refuse. GraphedUNet does not call it
+    with a controller set, though: cut into dozens of guarded frames it was slower than eager (the reference P2P edit
+    on an H100 80GB, fp16, one run: 3.46 s compiled, 2.38 s eager, same process).
 
     PyTorch's persistent caches (FX graph, AOTAutograd, Triton kernels) go to TORCHINDUCTOR_CACHE_DIR, by default
     ~/.cache/efddpm/torchinductor (not /tmp, which is cleared): the first process on a machine compiles (72.5 and
