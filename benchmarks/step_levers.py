@@ -6,8 +6,13 @@ edit: 64x64 latents, fp16, channels_last), each lever alone, in one process, so 
     eager + graph, SDPA backend  the same with scaled_dot_product_attention held to one backend (flash, efficient,
                                  cudnn): which one PyTorch picks is not always the fastest at this shape
     compiled + graph             efddpm.app.fast.compiled (what --compile does), then captured
+    compiled (1x1 conv as mm) + graph
+                                 the same with inductor's conv_1x1_as_mm: the 1x1 convolutions (the transformers'
+                                 proj_in / proj_out, the resnets' shortcuts) as matrix multiplies, which it may fuse
+                                 with their neighbours (on an H100: 6.69 ms against 6.66, no gain)
     compiled (max-autotune-no-cudagraphs) + graph
-                                 inductor's autotuned kernels (slow to compile), then captured
+                                 inductor's autotuned kernels, then captured (slow to compile: unfinished after ~7
+                                 minutes on an H100, so give this script a long limit)
 
 With --profile, first where the eager step's GPU time goes: kernel time per step by kind (convolution, matrix
 multiply, attention, normalisation, elementwise, copies), from torch.profiler, and the ten longest kernels.
@@ -111,6 +116,8 @@ def main() -> None:
         levers[f"eager_graph_sdpa_{name}"] = (lambda b: lambda: (b, GraphedUNet(unet)))(backend)
     if not args.no_compile:
         levers["compiled_graph"] = lambda: GraphedUNet(compiled(unet))
+        levers["compiled_conv_1x1_as_mm_graph"] = lambda: GraphedUNet(
+            torch.compile(unet, dynamic=False, options={"conv_1x1_as_mm": True}))
         levers["compiled_max_autotune_graph"] = lambda: GraphedUNet(
             torch.compile(unet, mode="max-autotune-no-cudagraphs", dynamic=False))
     for name, make in levers.items():
